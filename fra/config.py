@@ -1,0 +1,321 @@
+"""Typed configuration: frozen dataclasses loaded from YAML, with ``--set a.b=c`` overrides.
+
+Unknown keys are rejected with a suggestion, values are type-checked, and derived values
+(per-worker batch, effective learning rate) come from named functions, never from mutation.
+Only the core sections live here (model, optimisation); other layers define their own
+sections with the same machinery and nest them in their top-level configs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from fra.errors import ConfigError
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------
+# Core sections
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelConfig:
+    """The FRA model and its losses (defaults = the reference README recipe, FRA_SPEC §0)."""
+
+    method: str = "fra"  # fra | byol (FRA's instance branch alone)
+    backbone: str = "resnet50"
+    proj_dim: int = 256
+    hidden_dim: int = 4096
+    num_proto: int = 8  # K, the number of facial regions / queries
+    teacher_temp: float = 0.04
+    student_temp: float = 0.1
+    loss_weight: float = 0.5  # w: instance vs region loss
+    loss_w_cluster: float = 0.1  # lambda_c
+    loss_w_obj_neg: float = 0.02  # region decorrelation term
+    me_max_weight: float = 1.0  # mean-entropy maximisation inside the cluster loss
+    heatmap_scale: float = 1.0  # softmax temperature over queries
+    sinkhorn_iters: int = 3
+    proto_momentum: float = 0.9
+    decoder_layers: int = 2
+    decoder_heads: int = 8
+    decoder_ffn: int = 256
+    dropout: float = 0.1
+    ema: str = "frab"  # frab: parameters only, target in train mode | eman: whole state dict
+    base_momentum: float = 0.996
+    norm: str = "bn"  # bn | syncbn (syncbn only takes effect under DDP on GPUs)
+
+    def __post_init__(self) -> None:
+        _check_choice("model.method", self.method, ("fra", "byol"))
+        _check_choice("model.ema", self.ema, ("frab", "eman"))
+        _check_choice("model.norm", self.norm, ("bn", "syncbn"))
+        _check_positive("model.num_proto", self.num_proto)
+        _check_positive("model.hidden_dim", self.hidden_dim)
+        _check_positive("model.proj_dim", self.proj_dim)
+        _check_positive("model.teacher_temp", self.teacher_temp)
+        _check_positive("model.student_temp", self.student_temp)
+        _check_range("model.loss_weight", self.loss_weight, 0.0, 1.0)
+        _check_range("model.base_momentum", self.base_momentum, 0.0, 1.0)
+        _check_range("model.dropout", self.dropout, 0.0, 1.0)
+        if self.loss_w_cluster < 0:
+            raise ConfigError(f"model.loss_w_cluster must be >= 0, got {self.loss_w_cluster}")
+        if self.decoder_heads <= 0 or self.proj_dim % self.decoder_heads:
+            raise ConfigError(
+                f"model.decoder_heads={self.decoder_heads} must divide model.proj_dim={self.proj_dim}"
+            )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Pretraining optimisation (FRA_SPEC §7): LARS, warm-up per step, cosine per epoch."""
+
+    optimizer: str = "lars"  # lars | sgd | adamw
+    lr: float = 0.9  # for the global batch, not scaled (reference behaviour)
+    lr_scaling: str = "none"  # none | linear (lr * global_batch / 256)
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    lars_eta: float = 0.001
+    epochs: int = 50
+    warmup_epochs: int = 10
+    cosine_per_step: bool = False  # reference: cosine stepped once per epoch
+    batch_size: int = 512  # global batch, split across workers
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.optimizer", self.optimizer, ("lars", "sgd", "adamw"))
+        _check_choice("optim.lr_scaling", self.lr_scaling, ("none", "linear"))
+        _check_positive("optim.lr", self.lr)
+        _check_positive("optim.epochs", self.epochs)
+        _check_positive("optim.batch_size", self.batch_size)
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(
+                f"optim.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
+            )
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+def effective_lr(optim: OptimConfig) -> float:
+    """The base learning rate actually used for the global batch."""
+    if optim.lr_scaling == "linear":
+        return optim.lr * optim.batch_size / 256
+    return optim.lr
+
+
+def per_worker_batch(global_batch: int, world_size: int) -> int:
+    """Split the global batch across workers; it must divide evenly."""
+    if world_size <= 0:
+        raise ConfigError(f"world size must be positive, got {world_size}")
+    if global_batch % world_size:
+        raise ConfigError(
+            f"global batch {global_batch} is not divisible by {world_size} workers; "
+            "choose a batch size that is a multiple of the worker count"
+        )
+    return global_batch // world_size
+
+
+# --------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Generic dataclass <-> dict machinery
+# --------------------------------------------------------------------------------------
+def from_dict(cls: type[T], data: dict | None, path: str = "") -> T:
+    """Build a (nested) frozen dataclass from a plain dict, rejecting unknown keys.
+
+    Args:
+        cls: the dataclass type.
+        data: mapping of field name to value (nested dataclasses as nested mappings).
+        path: dotted prefix used in error messages.
+    """
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {path + '.' if path else ''}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint} (valid: {sorted(fields)})")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # e.g. a required field without default
+        raise ConfigError(f"{path or cls.__name__}: {exc}") from exc
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Check/convert one value against a type annotation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{path}: {value!r} matches none of {tp}: {'; '.join(errors)}")
+    if tp is Any:
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{path} must have {len(args)} items, got {len(value)}")
+            return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-python (YAML-safe) view of a config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict copy."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides=(), data: dict | None = None) -> T:
+    """Load ``cls`` from a YAML file (or dict) plus ``--set`` overrides."""
+    raw = load_yaml(path) if path is not None else dict(data or {})
+    return from_dict(cls, apply_overrides(raw, list(overrides)))
+
+
+def dump_yaml(obj: Any, path: str | Path) -> None:
+    """Write a config (dataclass or dict) to YAML atomically."""
+    from fra.utils.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def replace(obj: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that re-runs validation."""
+    return dataclasses.replace(obj, **changes)
+
+
+__all__ = [
+    "ModelConfig",
+    "OptimConfig",
+    "effective_lr",
+    "per_worker_batch",
+    "from_dict",
+    "to_dict",
+    "flatten",
+    "apply_overrides",
+    "load_yaml",
+    "load_config",
+    "dump_yaml",
+    "replace",
+    "field",
+]

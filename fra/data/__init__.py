@@ -1,0 +1,1 @@
+"""Datasets and data pipelines: synthetic faces, Parquet shards, augmentation."""

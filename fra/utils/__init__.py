@@ -1,0 +1,1 @@
+"""Small shared utilities (pure Python / torch)."""
