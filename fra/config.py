@@ -101,6 +101,94 @@ class OptimConfig:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
 
 
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Synthetic faces rendered on the fly (the embedded default dataset)."""
+
+    num_identities: int = 200
+    images_per_identity: int = 10
+    size: int = 112
+    seed: int = 0
+    intensity: tuple[float, float] = (0.6, 1.1)
+    jitter: float = 0.08
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where pretraining images come from and how views are made."""
+
+    source: str = "shards"  # shards (Parquet via Ray Data) | synthetic (rendered, in process)
+    shards: str = ""  # directory or URI holding manifest.json + Parquet shards
+    split: str = "train"
+    image_size: int = 224
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("data.source", self.source, ("shards", "synthetic"))
+        _check_positive("data.image_size", self.image_size)
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Ray Train scaling: workers, devices, precision, fault tolerance."""
+
+    num_workers: int | list[int] = 1  # fixed count, or [min, max] for elastic training
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    amp: str = "off"  # off | fp16 (CUDA, GradScaler) | bf16
+    max_failures: int = 3
+    placement_timeout_s: float = 600.0  # stop with a clear message instead of waiting forever
+
+    def __post_init__(self) -> None:
+        _check_choice("scaling.amp", self.amp, ("off", "fp16", "bf16"))
+        counts = self.num_workers if isinstance(self.num_workers, list) else [self.num_workers]
+        if len(counts) not in (1, 2) or any(c < 1 for c in counts) or counts != sorted(counts):
+            raise ConfigError(f"scaling.num_workers must be N >= 1 or [min, max], got {self.num_workers!r}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Naming, outputs, logging and checkpoint cadence of one run."""
+
+    name: str = "fra"
+    storage_path: str = "runs"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = at epoch end only
+    keep_checkpoints: int = 2
+    max_steps: int = 0  # 0 = the full schedule; >0 truncates (smoke tests)
+    heatmaps_every_epoch: bool = True
+    collapse_patience: int = 0  # logs with cluster CE at ln K before warning; 0 = off
+    collapse_action: str = "warn"  # warn | stop
+
+    def __post_init__(self) -> None:
+        _check_choice("run.collapse_action", self.collapse_action, ("warn", "stop"))
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking; an empty URI means a local sqlite file under the storage path."""
+
+    mlflow_uri: str = ""
+    experiment: str = "fra-pretrain"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything `fra pretrain` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
 def effective_lr(optim: OptimConfig) -> float:
     """The base learning rate actually used for the global batch."""
     if optim.lr_scaling == "linear":
@@ -307,6 +395,12 @@ def replace(obj: T, **changes: Any) -> T:
 __all__ = [
     "ModelConfig",
     "OptimConfig",
+    "SyntheticConfig",
+    "DataConfig",
+    "ScalingConfig",
+    "RunSettings",
+    "TrackingConfig",
+    "PretrainConfig",
     "effective_lr",
     "per_worker_batch",
     "from_dict",

@@ -95,25 +95,27 @@ class FRA(nn.Module):
             self.target_net.eval()
         return self
 
-    def forward(self, im_v1: torch.Tensor, im_v2: torch.Tensor) -> FRAOutput:
+    def forward_online(self, im_v1: torch.Tensor, im_v2: torch.Tensor):
+        """The gradient-carrying half: online encoder on both views and the predictors."""
+        online = [self.online_net(im_v1), self.online_net(im_v2)]
+        pred = [self.predictor(o.z_g) for o in online]
+        pred_obj = [self.predictor_obj(o.obj_val) if self.predictor_obj is not None else None for o in online]
+        return online, pred, pred_obj
+
+    def forward(self, im_v1: torch.Tensor, im_v2: torch.Tensor, online: nn.Module | None = None) -> FRAOutput:
         """Two views (B, 3, H, W) each -> :class:`FRAOutput`.
 
         Call order online v1, online v2, target v1, target v2, as in the reference (the BN
         running statistics depend on it).
+
+        Args:
+            online: a (DDP-wrapped) :class:`OnlineView` of this model to run the online half
+                through; the target is never wrapped.
         """
-        online = [self.online_net(im_v1), self.online_net(im_v2)]
+        online_out, pred, pred_obj = (online or self.forward_online)(im_v1, im_v2)
         with torch.no_grad():
             target = [self.target_net(im_v1), self.target_net(im_v2)]
-        pred = [self.predictor(o.z_g) for o in online]
-        pred_obj = [self.predictor_obj(o.obj_val) if self.predictor_obj is not None else None for o in online]
-        return FRAOutput(online=online, target=target, pred=pred, pred_obj=pred_obj)
-
-    def trainable_modules(self) -> nn.ModuleDict:
-        """The parts that receive gradients (what DDP wraps); the target is EMA-only."""
-        mods = {"online_net": self.online_net, "predictor": self.predictor}
-        if self.predictor_obj is not None:
-            mods["predictor_obj"] = self.predictor_obj
-        return nn.ModuleDict(mods)
+        return FRAOutput(online=online_out, target=target, pred=pred, pred_obj=pred_obj)
 
     @torch.no_grad()
     def update_prototypes(self, out: FRAOutput) -> None:
@@ -146,6 +148,25 @@ class FRA(nn.Module):
                 t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
             else:
                 t.copy_(o)
+
+
+class OnlineView(nn.Module):
+    """The trainable parts of an :class:`FRA` model as one module, for DDP.
+
+    DDP wraps only what receives gradients (online encoder and predictors); the target is
+    updated by the EMA and never wrapped. The submodules are the *same* objects as in the
+    model, so ``prepare_model(OnlineView(model))`` synchronises the model's gradients.
+    """
+
+    def __init__(self, model: FRA):
+        super().__init__()
+        self.online_net = model.online_net
+        self.predictor = model.predictor
+        self.predictor_obj = model.predictor_obj
+        self._forward = model.forward_online.__func__
+
+    def forward(self, im_v1: torch.Tensor, im_v2: torch.Tensor):
+        return self._forward(self, im_v1, im_v2)
 
 
 def build_model(cfg: ModelConfig) -> FRA:

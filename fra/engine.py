@@ -1,0 +1,202 @@
+"""The plain training loop: one step, one epoch, over any iterable of two-view batches.
+
+No Ray here: the Ray Train layer, the demo and the tests all call these functions. Step
+order per iteration is the reference's (FRA_SPEC §7): set lr → forward → loss → zero_grad →
+backward → optimizer step → target EMA with the momentum of the current step.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from fra.config import ModelConfig, OptimConfig, effective_lr
+from fra.errors import FraError
+from fra.optim.schedules import ema_momentum, pretrain_lr
+
+log = logging.getLogger(__name__)
+
+VGGFACE2_MEAN = (0.5231, 0.4044, 0.3489)
+VGGFACE2_STD = (0.2536, 0.2194, 0.2070)
+
+
+class NonFiniteLossError(FraError, FloatingPointError):
+    """A loss component became NaN/inf; raised before the weights are touched."""
+
+
+class Normalizer:
+    """uint8 (B, 3, H, W) views -> normalised float on the training device.
+
+    Views travel as uint8 (4× less traffic); normalisation runs on the trainer, on the GPU
+    when there is one.
+    """
+
+    def __init__(self, mean=VGGFACE2_MEAN, std=VGGFACE2_STD, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=dtype, device=self.device))).view(1, 3, 1, 1)
+        self.shift = (torch.tensor(mean, dtype=dtype, device=self.device) / torch.tensor(std, dtype=dtype, device=self.device)).view(1, 3, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            return x.to(self.dtype) * self.scale - self.shift
+        return x.to(self.dtype)
+
+
+@dataclass
+class Schedule:
+    """LR and EMA momentum as pure functions of the global step."""
+
+    base_lr: float
+    iters_per_epoch: int
+    epochs: int
+    warmup_epochs: int
+    base_momentum: float = 0.996
+    cosine_per_step: bool = False
+
+    @classmethod
+    def from_config(cls, optim: OptimConfig, model: ModelConfig, iters_per_epoch: int) -> Schedule:
+        return cls(effective_lr(optim), max(1, iters_per_epoch), optim.epochs, optim.warmup_epochs,
+                   model.base_momentum, optim.cosine_per_step)
+
+    @property
+    def total_steps(self) -> int:
+        return self.iters_per_epoch * self.epochs
+
+    def lr(self, step: int) -> float:
+        return pretrain_lr(step, self.iters_per_epoch, self.base_lr, self.epochs, self.warmup_epochs,
+                           self.cosine_per_step)
+
+    def momentum(self, step: int) -> float:
+        return ema_momentum(step, self.total_steps, self.base_momentum)
+
+
+@dataclass
+class TrainState:
+    """Where the loop is; saved in checkpoints so a resume continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def autocast_context(device_type: str, amp: str):
+    """``amp`` in {off, fp16, bf16} -> an autocast context (fp16 only makes sense on CUDA)."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the step and the first bad component."""
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = [k for k, v in losses.items() if not math.isfinite(float(v))]
+    raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(bad)} "
+                             f"({ {k: float(losses[k]) for k in bad} }); weights left untouched")
+
+
+def train_step(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, v1: torch.Tensor,
+               v2: torch.Tensor, *, step: int, lr: float, momentum: float, online: nn.Module | None = None,
+               scaler: torch.amp.GradScaler | None = None, amp: str = "off", grad_clip: float = 0.0
+               ) -> dict[str, torch.Tensor]:
+    """One optimisation step on a batch of two (normalised) views.
+
+    Args:
+        model: the bare :class:`fra.models.FRA` (never DDP-wrapped).
+        online: optional DDP-wrapped :class:`fra.models.OnlineView` of ``model``.
+        scaler: a GradScaler for fp16 AMP (None otherwise).
+    Returns:
+        detached loss components.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast_context(v1.device.type, amp):
+        out = model(v1, v2, online=online)
+        losses = loss_fn(out)
+    check_finite(losses, step)
+    model.update_prototypes(out)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(losses["loss"]).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        losses["loss"].backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+        optimizer.step()
+    # NOTE: the reference runs the EMA every iteration, even when AMP skipped the step.
+    model.momentum_update(momentum)
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def train_one_epoch(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict],
+                    schedule: Schedule, state: TrainState, normalizer: Normalizer, *,
+                    online: nn.Module | None = None, scaler=None, amp: str = "off", grad_clip: float = 0.0,
+                    log_every: int = 10, max_steps: int = 0,
+                    on_log: Callable[[dict], None] | None = None,
+                    on_step: Callable[[TrainState], None] | None = None) -> dict[str, float]:
+    """Run one epoch (or until ``max_steps`` global steps) and return its mean metrics.
+
+    Every ``log_every`` steps ``on_log`` receives the loss components, lr, EMA momentum,
+    images/s and the fraction of time spent waiting for data. ``on_step`` runs after every
+    step (checkpointing hooks).
+    """
+    model.train()
+    sums: dict[str, float] = {}
+    n = 0
+    images = 0
+    wait = 0.0
+    t_start = t_last = time.perf_counter()
+    win_images, win_wait = 0, 0.0
+    it = iter(batches)
+    while True:
+        if max_steps and state.step >= max_steps:
+            break
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        dt = time.perf_counter() - t0
+        wait += dt
+        win_wait += dt
+        v1, v2 = normalizer(batch["view1"]), normalizer(batch["view2"])
+        lr, m = schedule.lr(state.step), schedule.momentum(state.step)
+        losses = train_step(model, loss_fn, optimizer, v1, v2, step=state.step, lr=lr, momentum=m,
+                            online=online, scaler=scaler, amp=amp, grad_clip=grad_clip)
+        state.step += 1
+        n += 1
+        images += v1.shape[0]
+        win_images += v1.shape[0]
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if on_step is not None:
+            on_step(state)
+        if log_every and state.step % log_every == 0:
+            now = time.perf_counter()
+            metrics = {k: float(v) for k, v in losses.items()}
+            metrics.update(step=state.step, epoch=state.epoch, lr=lr, momentum=m,
+                           images_per_s=win_images / max(now - t_last, 1e-9),
+                           data_wait_frac=win_wait / max(now - t_last, 1e-9))
+            t_last, win_images, win_wait = now, 0, 0.0
+            if on_log is not None:
+                on_log(metrics)
+    elapsed = time.perf_counter() - t_start
+    out = {k: v / max(n, 1) for k, v in sums.items()}
+    out.update(steps=n, images=images, images_per_s=images / max(elapsed, 1e-9),
+               data_wait_frac=wait / max(elapsed, 1e-9), epoch=state.epoch)
+    return out
