@@ -105,42 +105,57 @@ def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
                              f"({ {k: float(losses[k]) for k in bad} }); weights left untouched")
 
 
-def train_step(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, v1: torch.Tensor,
-               v2: torch.Tensor, *, step: int, lr: float, momentum: float, online: nn.Module | None = None,
+def train_step(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, *views: torch.Tensor,
+               step: int, lr: float, momentum: float, online: nn.Module | None = None,
                scaler: torch.amp.GradScaler | None = None, amp: str = "off", grad_clip: float = 0.0
                ) -> dict[str, torch.Tensor]:
-    """One optimisation step on a batch of two (normalised) views.
+    """One optimisation step on a batch of (normalised) views.
+
+    The model is any method (FRA, BYOL, SwAV) with ``forward(*views, online=None)`` and the
+    explicit state hooks ``after_forward(out)`` (buffer EMAs), ``after_backward(step)``
+    (e.g. freezing prototypes) and ``after_step(step, momentum)`` (target EMA,
+    re-normalisation).
 
     Args:
-        model: the bare :class:`fra.models.FRA` (never DDP-wrapped).
-        online: optional DDP-wrapped :class:`fra.models.OnlineView` of ``model``.
+        model: the bare model (never DDP-wrapped).
+        views: two or more view batches (B, 3, H, W).
+        online: optional DDP-wrapped view of the model's trainable part.
         scaler: a GradScaler for fp16 AMP (None otherwise).
     Returns:
         detached loss components.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast_context(v1.device.type, amp):
-        out = model(v1, v2, online=online)
+    with autocast_context(views[0].device.type, amp):
+        out = model(*views, online=online)
         losses = loss_fn(out)
     check_finite(losses, step)
-    model.update_prototypes(out)
+    model.after_forward(out)
     optimizer.zero_grad(set_to_none=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.scale(losses["loss"]).backward()
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+        scaler.unscale_(optimizer)
+    else:
+        losses["loss"].backward()
+    model.after_backward(step)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
-        losses["loss"].backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
         optimizer.step()
     # NOTE: the reference runs the EMA every iteration, even when AMP skipped the step.
-    model.momentum_update(momentum)
+    model.after_step(step, momentum)
     return {k: v.detach() for k, v in losses.items()}
+
+
+def batch_views(batch: dict, normalizer: Normalizer) -> list[torch.Tensor]:
+    """``view1``, ``view2`` and any extra multi-crop ``crops`` of a batch, normalised."""
+    views = [normalizer(batch["view1"]), normalizer(batch["view2"])]
+    views += [normalizer(c) for c in batch.get("crops", ())]
+    return views
 
 
 def train_one_epoch(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict],
@@ -174,14 +189,14 @@ def train_one_epoch(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
         dt = time.perf_counter() - t0
         wait += dt
         win_wait += dt
-        v1, v2 = normalizer(batch["view1"]), normalizer(batch["view2"])
+        views = batch_views(batch, normalizer)
         lr, m = schedule.lr(state.step), schedule.momentum(state.step)
-        losses = train_step(model, loss_fn, optimizer, v1, v2, step=state.step, lr=lr, momentum=m,
+        losses = train_step(model, loss_fn, optimizer, *views, step=state.step, lr=lr, momentum=m,
                             online=online, scaler=scaler, amp=amp, grad_clip=grad_clip)
         state.step += 1
         n += 1
-        images += v1.shape[0]
-        win_images += v1.shape[0]
+        images += views[0].shape[0]
+        win_images += views[0].shape[0]
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if on_step is not None:

@@ -117,6 +117,16 @@ class FRA(nn.Module):
             target = [self.target_net(im_v1), self.target_net(im_v2)]
         return FRAOutput(online=online_out, target=target, pred=pred, pred_obj=pred_obj)
 
+    # Explicit state hooks called by the training loop (fra.engine.train_step).
+    def after_forward(self, out: FRAOutput) -> None:
+        self.update_prototypes(out)
+
+    def after_backward(self, step: int) -> None:
+        """Nothing to do for FRA (SwAV freezes its prototypes here)."""
+
+    def after_step(self, step: int, momentum: float) -> None:
+        self.momentum_update(momentum)
+
     @torch.no_grad()
     def update_prototypes(self, out: FRAOutput) -> None:
         """EMA of each network's ``proto`` buffer, once per view (FRA_SPEC §3.2 step 9)."""
