@@ -199,3 +199,12 @@ def load_fra_model(obj: Any, model: nn.Module) -> LoadReport:
             "(different backbone, num_proto or hidden_dim?)"
         )
     return LoadReport(layout, len(sd))
+
+
+def official_model_config(obj: Any) -> dict:
+    """Model settings (backbone, K, hidden width) read off an official FRA checkpoint's tensors."""
+    sd = official_to_fra_state_dict(obj)
+    trunk = {k.removeprefix("online_net.backbone."): v for k, v in sd.items() if k.startswith("online_net.backbone.")}
+    return {"backbone": infer_arch(trunk),
+            "num_proto": int(sd["online_net.neck.proj_attn.query_embed.weight"].shape[0]),
+            "hidden_dim": int(sd["online_net.neck.proj.mlp.0.weight"].shape[0])}
