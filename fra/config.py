@@ -26,10 +26,63 @@ T = TypeVar("T")
 # Core sections
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class SwAVConfig:
+    """SwAV / FRL hyper-parameters (defaults = FRL's ``scripts/run.sh``, FRL_SPEC §1.2).
+
+    The multi-crop fields describe the data side (:class:`fra.data.multicrop.MultiCropTransform`);
+    the model only needs the total number of crops at run time.
+    """
+
+    num_prototypes: int = 3000
+    proj_hidden: int = 2048
+    proj_dim: int = 128
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    freeze_prototypes_iters: int = 313
+    queue_length: int = 0  # global length; 0 = no queue (run.sh)
+    epoch_queue_starts: int = 15
+    crops_for_assign: tuple[int, ...] = (0, 1)
+    nmb_crops: tuple[int, ...] = (2, 6)
+    size_crops: tuple[int, ...] = (224, 96)
+    min_scale_crops: tuple[float, ...] = (0.14, 0.05)
+    max_scale_crops: tuple[float, ...] = (1.0, 0.14)
+
+    def __post_init__(self) -> None:
+        # Lists from YAML or callers become tuples: the config stays hashable and comparable.
+        for name, kind in (("crops_for_assign", int), ("nmb_crops", int), ("size_crops", int),
+                           ("min_scale_crops", float), ("max_scale_crops", float)):
+            object.__setattr__(self, name, tuple(kind(v) for v in getattr(self, name)))
+        for name in ("num_prototypes", "proj_hidden", "proj_dim", "sinkhorn_iters"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.swav.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("temperature", "epsilon"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.swav.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.queue_length < 0 or self.freeze_prototypes_iters < 0 or self.epoch_queue_starts < 0:
+            raise ConfigError("model.swav.queue_length, freeze_prototypes_iters and epoch_queue_starts must be >= 0")
+        groups = (self.nmb_crops, self.size_crops, self.min_scale_crops, self.max_scale_crops)
+        if len({len(g) for g in groups}) != 1 or not self.nmb_crops:
+            raise ConfigError("model.swav.nmb_crops, size_crops, min_scale_crops and max_scale_crops "
+                              f"must have the same (non-zero) length, got {[list(g) for g in groups]}")
+        if any(n < 0 for n in self.nmb_crops) or self.total_crops < 2:
+            raise ConfigError(f"model.swav.nmb_crops must give >= 2 crops in total, got {list(self.nmb_crops)}")
+        if any(not 0 < lo <= hi <= 1 for lo, hi in zip(self.min_scale_crops, self.max_scale_crops)):
+            raise ConfigError("model.swav scales must satisfy 0 < min_scale_crops <= max_scale_crops <= 1")
+        if not self.crops_for_assign or any(not 0 <= c < self.total_crops for c in self.crops_for_assign):
+            raise ConfigError(f"model.swav.crops_for_assign must index the {self.total_crops} crops, "
+                              f"got {list(self.crops_for_assign)}")
+
+    @property
+    def total_crops(self) -> int:
+        return sum(self.nmb_crops)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The FRA model and its losses (defaults = the reference README recipe, FRA_SPEC §0)."""
 
-    method: str = "fra"  # fra | byol (FRA's instance branch alone)
+    method: str = "fra"  # fra | byol (FRA's instance branch alone) | swav (FRL's recipe)
     backbone: str = "resnet50"
     proj_dim: int = 256
     hidden_dim: int = 4096
@@ -50,9 +103,10 @@ class ModelConfig:
     ema: str = "frab"  # frab: parameters only, target in train mode | eman: whole state dict
     base_momentum: float = 0.996
     norm: str = "bn"  # bn | syncbn (syncbn only takes effect under DDP on GPUs)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)  # used by method=swav only
 
     def __post_init__(self) -> None:
-        _check_choice("model.method", self.method, ("fra", "byol"))
+        _check_choice("model.method", self.method, ("fra", "byol", "swav"))
         _check_choice("model.ema", self.ema, ("frab", "eman"))
         _check_choice("model.norm", self.norm, ("bn", "syncbn"))
         _check_positive("model.num_proto", self.num_proto)
@@ -393,6 +447,7 @@ def replace(obj: T, **changes: Any) -> T:
 
 
 __all__ = [
+    "SwAVConfig",
     "ModelConfig",
     "OptimConfig",
     "SyntheticConfig",

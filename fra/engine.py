@@ -171,6 +171,7 @@ def train_one_epoch(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
     step (checkpointing hooks).
     """
     model.train()
+    model.set_epoch(state.epoch)
     sums: dict[str, float] = {}
     n = 0
     images = 0

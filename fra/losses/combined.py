@@ -74,3 +74,12 @@ class FRALoss(nn.Module):
             total = total + self.loss_w_cluster * clu
         logs["loss"] = total
         return logs
+
+
+def build_loss(cfg: ModelConfig) -> nn.Module:
+    """The objective of ``cfg.method``: FRA (also BYOL) or SwAV."""
+    if cfg.method == "swav":
+        from fra.losses.swav import SwAVLoss
+
+        return SwAVLoss.from_config(cfg)
+    return FRALoss.from_config(cfg)

@@ -124,6 +124,9 @@ class FRA(nn.Module):
     def after_backward(self, step: int) -> None:
         """Nothing to do for FRA (SwAV freezes its prototypes here)."""
 
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do for FRA (SwAV starts its queue here)."""
+
     def after_step(self, step: int, momentum: float) -> None:
         self.momentum_update(momentum)
 
@@ -179,6 +182,15 @@ class OnlineView(nn.Module):
         return self._forward(self, im_v1, im_v2)
 
 
-def build_model(cfg: ModelConfig) -> FRA:
-    """Build the model described by ``cfg``."""
-    return FRA(cfg)
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Build the model of ``cfg.method`` (fra, byol or swav)."""
+    from fra.models.swav import SwAV
+
+    return {"fra": FRA, "byol": FRA, "swav": SwAV}[cfg.method](cfg)
+
+
+def online_view(model: nn.Module) -> nn.Module:
+    """The DDP-wrappable trainable part of any method's model."""
+    from fra.models.swav import SwAV, SwAVOnlineView
+
+    return SwAVOnlineView(model) if isinstance(model, SwAV) else OnlineView(model)

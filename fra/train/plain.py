@@ -18,7 +18,7 @@ import torch
 from fra.config import PretrainConfig, dump_yaml, effective_lr
 from fra.engine import Normalizer, Schedule, TrainState, VGGFACE2_MEAN, VGGFACE2_STD, train_one_epoch
 from fra.errors import ConfigError
-from fra.losses import FRALoss
+from fra.losses import build_loss
 from fra.models import build_model
 from fra.optim import build_optimizer
 from fra.train.checkpointing import CHECKPOINT_FILE, export_backbone, load_checkpoint, restore, save_checkpoint
@@ -90,7 +90,7 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
     if iters == 0:
         raise ConfigError(f"batch size {cfg.optim.batch_size} is larger than the training split")
     model = build_model(cfg.model)
-    loss_fn = FRALoss.from_config(cfg.model)
+    loss_fn = build_loss(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     schedule = Schedule.from_config(cfg.optim, cfg.model, iters)
     total = min(schedule.total_steps, cfg.run.max_steps or schedule.total_steps)

@@ -1,0 +1,103 @@
+"""Region-awareness score: chance on random maps, ~1 on ground-truth maps, Hungarian matching, NMI."""
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fra.data.synthetic import PARTS, SyntheticFaces
+from fra.errors import DataError
+from fra.evaluation.region_score import nmi, region_awareness, render_masks, score_model
+
+SPEC = SyntheticFaces(num_identities=20, images_per_identity=2, size=112)
+
+
+@pytest.fixture(scope="module")
+def masks():
+    return render_masks(SPEC, 8, 112)[1]  # (8, 112, 112), held-out identities
+
+
+def _gt_heatmaps(masks, perm=None, extra_queries=0):
+    """One-hot of the mask, Gaussian-smoothed (3x3), softmax at temperature 0.1: (N, K, H, W)."""
+    onehot = F.one_hot(torch.from_numpy(masks).long(), len(PARTS)).permute(0, 3, 1, 2).float()
+    if perm is not None:
+        onehot = onehot[:, perm]  # query k shows part perm[k]
+    onehot = torch.cat([onehot, torch.zeros(onehot.shape[0], extra_queries, *onehot.shape[2:])], dim=1)
+    k = onehot.shape[1]
+    g = torch.tensor([1.0, 2.0, 1.0])
+    g = torch.outer(g, g) / 16
+    smooth = F.conv2d(F.pad(onehot, (1, 1, 1, 1), mode="replicate"), g.expand(k, 1, 3, 3), groups=k)
+    return (smooth / 0.1).softmax(dim=1)
+
+
+def test_ground_truth_maps_score_near_one(masks):
+    out = region_awareness(_gt_heatmaps(masks, extra_queries=1), masks)
+    assert out["miou"] > 0.95 and out["nmi"] > 0.95
+    assert out["num_queries"] == 8 and out["num_parts_scored"] == 6  # background ignored
+    assert out["matching"] == {name: i for i, name in enumerate(PARTS) if i > 0}
+    assert out["random_miou"] < 0.2 and out["random_nmi"] < 0.15
+    with_bg = region_awareness(_gt_heatmaps(masks), masks, ignore_background=False)
+    assert with_bg["num_parts_scored"] == 7 and with_bg["miou"] > 0.95 and "background" in with_bg["matching"]
+
+
+def test_random_maps_score_at_chance(masks):
+    g = torch.Generator().manual_seed(123)
+    heat = torch.randn(len(masks), 8, 4, 4, generator=g).softmax(dim=1)  # a 4x4 grid, like 128 px / 32
+    out = region_awareness(heat, masks, seed=0)
+    assert abs(out["miou"] - out["random_miou"]) < 0.05
+    assert abs(out["nmi"] - out["random_nmi"]) < 0.05 and out["nmi"] < 0.15
+    gt = region_awareness(_gt_heatmaps(masks), masks)
+    assert gt["miou"] > out["miou"] + 0.7
+
+
+def test_hungarian_matching_recovers_a_permutation(masks):
+    perm = [3, 6, 0, 5, 1, 4, 2]  # query k <- part perm[k]
+    out = region_awareness(_gt_heatmaps(masks, perm), masks)
+    assert out["matching"] == {PARTS[p]: k for k, p in enumerate(perm) if p != 0}
+    assert out["miou"] > 0.95
+    # numpy inputs; the order of queries only changes how argmax breaks exact ties at part borders
+    ref = region_awareness(_gt_heatmaps(masks).numpy(), masks)
+    assert out["miou"] == pytest.approx(ref["miou"], abs=0.01) and out["nmi"] == pytest.approx(ref["nmi"], abs=0.01)
+
+
+def test_nmi_bounds_and_hand_cases():
+    assert nmi(np.array([[5, 0], [0, 7]])) == pytest.approx(1.0)
+    assert nmi(np.array([[0, 5, 0], [4, 0, 0], [0, 0, 9]])) == pytest.approx(1.0)  # relabelled
+    assert nmi(np.array([[3, 3], [3, 3]])) == pytest.approx(0.0, abs=1e-12)  # independent
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        v = nmi(rng.integers(0, 50, (rng.integers(1, 9), rng.integers(1, 8))))
+        assert 0.0 <= v <= 1.0
+
+
+def test_rejects_bad_inputs(masks):
+    with pytest.raises(ValueError, match="expected"):
+        region_awareness(torch.rand(2, 4, 7, 7), masks)
+    with pytest.raises(ValueError, match="labels"):
+        region_awareness(torch.rand(8, 4, 7, 7), masks + 7)
+
+
+def test_score_model_with_random_init_baseline():
+    from fra.config import ModelConfig
+    from fra.data.augment import VGGFACE2_MEAN, VGGFACE2_STD
+    from fra.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", hidden_dim=32, num_proto=4, dropout=0.0))
+    out = score_model(model, SPEC, n_images=4, image_size=64, mean=VGGFACE2_MEAN, std=VGGFACE2_STD,
+                      baseline=True, batch_size=2)
+    for key in ("miou", "best_iou", "nmi", "random_miou", "random_nmi", "init_miou", "init_nmi"):
+        assert 0.0 <= out[key] <= 1.0, key
+    assert out["num_queries"] == 4 and out["n_images"] == 4 and out["mode"] == "proto"
+    assert model.training  # compute_heatmaps restores the mode
+    with pytest.raises(DataError, match="no region heat maps"):
+        score_model(SimpleNamespace(cfg=ModelConfig(method="byol")), SPEC, 4, 64, VGGFACE2_MEAN, VGGFACE2_STD)
+
+
+def test_new_modules_import_no_ray_or_mlflow():
+    mods = "fra.evaluation.region_score, fra.models.swav, fra.losses.swav, fra.data.multicrop"
+    code = f"import sys, {mods}; bad = {{'ray', 'mlflow'}} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
