@@ -44,9 +44,12 @@ class ResNetTrunk(nn.Module):
             setattr(self, name, getattr(net, name))
         self.arch = arch
         self.out_channels = net.fc.in_features
+        # Channels-last convolutions are 10-15 % faster on CPU (oneDNN) and on tensor cores.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, H/32, W/32)."""
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 

@@ -149,10 +149,9 @@ class FRA(nn.Module):
         state-dict entry, ``num_batches_tracked`` copied.
         """
         if self.cfg.ema == "frab":
-            t = [p for p in self.target_net.parameters()]
-            o = [p.detach() for p in self.online_net.parameters()]
-            torch._foreach_mul_(t, momentum)
-            torch._foreach_add_(t, o, alpha=1 - momentum)
+            # t + (1-m)(o - t) = m·t + (1-m)·o, one fused pass
+            torch._foreach_lerp_(list(self.target_net.parameters()),
+                                 [p.detach() for p in self.online_net.parameters()], 1 - momentum)
             return
         online_sd = self.online_net.state_dict()
         for name, t in self.target_net.state_dict().items():

@@ -34,8 +34,8 @@ class LARS(Optimizer):
     ``Δ = lr · local_lr · (g + λw)``, ``buf = Δ`` at the first step then ``μ·buf + Δ``,
     ``w ← w − buf``. The lr is folded in before the momentum buffer (unlike torch SGD).
 
-    Unlike the reference, the norms stay on the device (no per-tensor ``.item()`` sync):
-    one fused ``_foreach_norm`` per group.
+    Unlike the reference, the norms come from one fused ``_foreach_norm`` per group (no
+    per-tensor ``.item()`` sync) and the update is accumulated in place in the momentum buffer.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -57,21 +57,21 @@ class LARS(Optimizer):
             grads = [p.grad for p in params]
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             if group["lars_exclude"]:
-                updates = [g * lr for g in grads] if wd == 0 else [
-                    (g + wd * p) * lr for g, p in zip(grads, params)]
+                scales = [lr] * len(params)
             else:
-                w_norm = torch._foreach_norm(params)
-                g_norm = torch._foreach_norm(grads)
-                updates = []
-                for p, g, wn, gn in zip(params, grads, w_norm, g_norm):
-                    local_lr = group["eta"] * wn / (gn + wd * wn + 1e-8)
-                    updates.append((g + wd * p) * (local_lr * lr))
-            for p, d in zip(params, updates):
+                # One fused norm per group, read back once (the reference syncs twice per tensor).
+                w_norm = torch.stack(torch._foreach_norm(params)).tolist()
+                g_norm = torch.stack(torch._foreach_norm(grads)).tolist()
+                scales = [lr * group["eta"] * w / (g + wd * w + 1e-8) for w, g in zip(w_norm, g_norm)]
+            for p, g, s in zip(params, grads, scales):
+                # buf = mu*buf + s*(g + wd*w), built in place in the momentum buffer.
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
-                    state["momentum_buffer"] = buf = d.clone()
+                    state["momentum_buffer"] = buf = torch.mul(g, s)
                 else:
-                    buf.mul_(mu).add_(d)
+                    buf.mul_(mu).add_(g, alpha=s)
+                if wd:
+                    buf.add_(p, alpha=s * wd)
                 p.sub_(buf)
         return loss
