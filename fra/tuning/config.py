@@ -1,0 +1,257 @@
+"""Sweep configuration: what a sweep YAML holds, how it is loaded, and every check run before Ray.
+
+A sweep YAML (``tune_configs/*.yaml``, or the ``sweep:`` section of a pipeline YAML) holds the
+base pretrain config (inline or a path), the FER config of the chained objective (inline or a
+path), the search space (:mod:`fra.tuning.space`), the scheduler, the objective, per-trial
+resources, the storage location and MLflow settings. :func:`load_sweep_config` reads it,
+:func:`resolve` checks all of it before Ray starts, and :func:`check_resources` compares one
+trial with the cluster.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fra.config import PretrainConfig, _check_choice, apply_overrides, from_dict, load_yaml, to_dict
+from fra.errors import ConfigError
+from fra.tuning.space import Param, parse_space, set_paths
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SWEEP = Path(__file__).resolve().parents[2] / "tune_configs" / "demo_sweep.yaml"
+OBJECTIVE_METRICS = ("val_top1", "val_top1_best", "val_macro_f1")
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Early stopping on per-epoch results (``name: none`` runs every trial to the end)."""
+
+    name: str = "asha"  # asha | none
+    metric: str = "proxy_top1"  # a per-epoch metric: proxy_top1 (max) or loss (min)
+    mode: str = "max"
+    time_attr: str = "epoch"  # completed pretraining epochs: survives restores, unlike training_iteration
+    grace_period: int = 1
+    max_t: int = 0  # 0 = the pretraining epochs
+    reduction_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_choice("scheduler.name", self.name, ("asha", "none"))
+        _check_choice("scheduler.mode", self.mode, ("min", "max"))
+        if self.grace_period < 1 or self.max_t < 0 or not self.reduction_factor > 1:
+            raise ConfigError("scheduler: grace_period must be >= 1, max_t >= 0 and reduction_factor > 1")
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """The chained FER objective and the cheap per-epoch proxy (both honest: no test labels)."""
+
+    protocol: str = "linear"  # linear | finetune (evaluate_fer protocol)
+    metric: str = "val_top1"  # val_top1 (last epoch) | val_top1_best | val_macro_f1
+    val_fraction: float = 0.2  # carved from the FER train split by path hash (unless fer.data.val_split)
+    proxy: str = "linear_probe"  # linear_probe (frozen features, each epoch) | none
+    proxy_max_rows: int = 512  # rows of the FER train split the proxy embeds
+
+    def __post_init__(self) -> None:
+        _check_choice("objective.protocol", self.protocol, ("linear", "finetune"))
+        _check_choice("objective.metric", self.metric, OBJECTIVE_METRICS)
+        _check_choice("objective.proxy", self.proxy, ("linear_probe", "none"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"objective.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial uses; pretraining and the FER evaluation run one after the other."""
+
+    cpus: float = 1.0  # the trial process (Tune function trainable)
+    workers: int = 1  # Ray Train workers of the pretraining (scaling.num_workers)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # > 0 trains on GPUs
+    data_cpus: float = 1.0  # kept free for Ray Data (its file listing task takes a whole CPU)
+
+    def __post_init__(self) -> None:
+        if self.cpus < 0 or self.workers < 1 or self.cpus_per_worker < 0 or self.data_cpus < 0:
+            raise ConfigError("resources: cpus, cpus_per_worker, data_cpus must be >= 0 and workers >= 1")
+
+
+@dataclass(frozen=True)
+class SyntheticFER:
+    """Render a synthetic FER shard set when ``fer.data.shards`` is empty (demo, CI)."""
+
+    enabled: bool = False
+    num_identities: int = 24
+    images_per_identity: int = 8
+    size: int = 48
+    seed: int = 1  # not the pretraining seed: other faces than the pretraining images
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    name: str = "fra-sweep"
+    storage_path: str = "runs/sweeps"
+    ray_address: str = ""  # "" = join a running local Ray or start one
+    num_cpus: int = 0  # logical CPUs of a Ray started here (0 = Ray's default)
+
+
+@dataclass(frozen=True)
+class SweepTracking:
+    enabled: bool = True
+    mlflow_uri: str = ""  # "" = sqlite under run.storage_path
+    experiment: str = "fra-tune"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything ``fra tune`` needs (see the module docstring)."""
+
+    pretrain: dict = field(default_factory=dict)  # PretrainConfig mapping (a path in YAML is inlined)
+    fer: dict = field(default_factory=dict)  # FERConfig mapping (a path in YAML is inlined)
+    space: dict = field(default_factory=dict)
+    num_samples: int = 4
+    max_concurrent_trials: int = 1
+    seed: int = 0  # sampling seed of the search
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    resources: TrialResources = field(default_factory=TrialResources)
+    synthetic_fer: SyntheticFER = field(default_factory=SyntheticFER)
+    run: SweepRun = field(default_factory=SweepRun)
+    tracking: SweepTracking = field(default_factory=SweepTracking)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent_trials < 1:
+            raise ConfigError("num_samples and max_concurrent_trials must be >= 1")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A checked sweep: the base pretrain config, the FER config and the parameters."""
+
+    base: PretrainConfig
+    fer: Any  # FERConfig
+    params: list[Param]
+    max_t: int
+
+
+def load_sweep_config(path: str | Path | None = None, overrides=()) -> SweepConfig:
+    """Read a sweep YAML (default: ``tune_configs/demo_sweep.yaml``) or a pipeline YAML with a
+    ``sweep:`` section, apply ``--set`` overrides (``sweep.`` prefix optional) and build the config."""
+    path = Path(path) if path else DEFAULT_SWEEP
+    raw = load_yaml(path)
+    if "sweep" in raw:  # a pipeline YAML
+        if not isinstance(raw["sweep"], dict):
+            raise ConfigError(f"{path}: the 'sweep' section must be a mapping")
+        raw = sweep_section(raw["sweep"], raw.get("pretrain"), raw.get("fer", raw.get("evaluate")), path.parent)
+    else:
+        raw = sweep_section(raw, base_dir=path.parent)
+    overrides = [o.removeprefix("sweep.") for o in overrides]
+    return from_dict(SweepConfig, apply_overrides(raw, overrides))
+
+
+def sweep_section(sweep: dict, pretrain: dict | str | None = None, fer: dict | str | None = None,
+                  base_dir: Path | None = None) -> dict:
+    """A sweep mapping ready for ``from_dict(SweepConfig, ...)``.
+
+    ``pretrain`` / ``fer`` missing from ``sweep`` come from the given pipeline sections (the
+    pipeline's ``pretrain:`` and ``evaluate:``); a string is a YAML path (relative to
+    ``base_dir``), either a plain config or a pipeline file holding that section.
+    """
+    out = dict(sweep)
+    for key, fallback, section in (("pretrain", pretrain, "pretrain"), ("fer", fer, "evaluate")):
+        value = out.get(key, fallback)
+        if isinstance(value, str):
+            value = _inline(value, base_dir or Path.cwd(), key, section)
+        if value is not None:
+            out[key] = dict(value)
+    return out
+
+
+def _inline(ref: str, base_dir: Path, key: str, pipeline_key: str) -> dict:
+    p = Path(ref).expanduser()
+    p = p if p.is_absolute() or p.exists() else base_dir / p
+    data = load_yaml(p)
+    for name in (key, pipeline_key):
+        if isinstance(data.get(name), dict):  # a pipeline YAML holding the section
+            return data[name]
+    return data
+
+
+def resolve(cfg: SweepConfig) -> Resolved:
+    """Check the whole sweep before anything runs; every problem is a :class:`ConfigError`."""
+    from fra.evaluation.fer import FERConfig
+    from fra.train.ray_trainer import check_config
+
+    base = from_dict(PretrainConfig, trial_overrides(cfg, cfg.pretrain), "pretrain")
+    check_config(base)
+    fer = from_dict(FERConfig, cfg.fer, "fer")
+    params = parse_space(cfg.space, to_dict(base))
+    if not fer.data.shards and not cfg.synthetic_fer.enabled:
+        raise ConfigError("fer.data.shards is empty: point it at FER shards (fra shards ...) "
+                          "or set synthetic_fer.enabled=true")
+    if fer.data.val_split and cfg.objective.val_fraction:
+        raise ConfigError("set objective.val_fraction or fer.data.val_split for model selection, not both")
+    if not fer.data.val_split and not cfg.objective.val_fraction:
+        raise ConfigError("the objective needs a validation split (objective.val_fraction > 0 or "
+                          "fer.data.val_split): the test set is never used to select trials")
+    s = cfg.scheduler
+    if s.name == "asha" and s.metric == "proxy_top1" and cfg.objective.proxy == "none":
+        raise ConfigError("scheduler.metric=proxy_top1 needs objective.proxy=linear_probe (or use metric: loss)")
+    epochs = base.optim.epochs
+    max_t = s.max_t or epochs
+    if s.name == "asha" and max_t < epochs:
+        raise ConfigError(f"scheduler.max_t={max_t} < optim.epochs={epochs} would stop every trial before "
+                          "its FER evaluation; lower optim.epochs instead")
+    if s.name == "asha" and not s.grace_period <= epochs >= max_t:
+        raise ConfigError(f"scheduler: grace_period ({s.grace_period}) and max_t ({max_t}) must not exceed "
+                          f"the pretraining epochs ({epochs})")
+    return Resolved(base, fer, params, max_t)
+
+
+def trial_overrides(cfg: SweepConfig, pretrain: dict) -> dict:
+    """The pretrain mapping with the sweep's resources and tracking forced in."""
+    r = cfg.resources
+    values = {"scaling.num_workers": r.workers, "scaling.cpus_per_worker": r.cpus_per_worker,
+              "scaling.use_gpu": r.gpus_per_worker > 0,
+              # NOTE: trials log to the sweep's MLflow runs (one nested run each), not to their own.
+              "tracking.enabled": False}
+    if r.gpus_per_worker:
+        values["scaling.gpus_per_worker"] = r.gpus_per_worker
+    return set_paths(pretrain, values)
+
+
+def trial_need(cfg: SweepConfig, res: Resolved) -> dict[str, float]:
+    """Peak resources of one trial: its process, the larger worker group of its two phases, data."""
+    r = cfg.resources
+    fer_workers = max(1, res.fer.scaling.num_workers) * res.fer.scaling.cpus_per_worker
+    need = {"CPU": r.cpus + max(r.workers * r.cpus_per_worker, fer_workers) + r.data_cpus}
+    if r.gpus_per_worker:
+        need["GPU"] = r.workers * r.gpus_per_worker
+    return need
+
+
+def check_resources(cfg: SweepConfig, res: Resolved, cluster: dict[str, float]) -> int:
+    """Fail fast when one trial can never fit; returns the concurrency the cluster allows."""
+    need = trial_need(cfg, res)
+    short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{k}: needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
+        raise ConfigError(
+            f"one trial needs more than the cluster has ({detail}); a trial = resources.cpus "
+            f"({cfg.resources.cpus:g}) + max(pretrain workers, FER workers) + resources.data_cpus "
+            f"({cfg.resources.data_cpus:g}). Lower resources.* or add nodes")
+    fits = min(int(cluster.get(k, 0.0) // v) for k, v in need.items() if v > 0)
+    if fits < cfg.max_concurrent_trials:
+        log.warning("max_concurrent_trials=%d but the cluster (%s) fits %d trial(s) of %s at once; running %d",
+                    cfg.max_concurrent_trials, cluster, fits, need, fits)
+    return max(1, min(cfg.max_concurrent_trials, fits))
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+__all__ = ["SweepConfig", "SchedulerSettings", "ObjectiveSettings", "TrialResources", "SyntheticFER", "SweepRun",
+           "SweepTracking", "Resolved", "load_sweep_config", "sweep_section", "resolve", "check_resources", "trial_need",
+           "trial_overrides", "finite", "DEFAULT_SWEEP", "OBJECTIVE_METRICS"]

@@ -1,0 +1,193 @@
+"""Sweep outputs: the results table (CSV + console), the objective plot, the best config files.
+
+Rows come from Tune's trials plus each trial's files. A trial's status is ``completed`` (its
+``result.json`` holds the chained FER objective), ``stopped_early`` (the scheduler recorded
+``stopped_early.json`` before the evaluation), ``failed`` (Tune error, or training stopped by a
+guard) or ``unfinished`` (an interrupted sweep).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fra.tuning.config import finite
+from fra.tuning.space import Param
+from fra.tuning.trial import STARTS_FILE
+from fra.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STOPPED_FILE = "stopped_early.json"
+METRIC_COLUMNS = ("epochs", "proxy_top1", "objective", "val_top1", "val_macro_f1", "test_top1_last",
+                  "test_top1_mean_last5", "test_macro_f1", "seconds", "starts")
+
+
+def collect_rows(grid, params: list[Param], exp_dir: Path) -> list[dict]:
+    """One row per trial: id, status, searched values, proxy, FER metrics, compute time, starts."""
+    analysis = grid._experiment_analysis  # NOTE: the Trial objects (status) are only reachable here
+    frames = analysis.trial_dataframes
+    starts = count_starts(exp_dir)
+    rows = []
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+        tid = trial.trial_id
+        done_file = exp_dir / "trials" / tid / "result.json"
+        done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+        final = done.get("report") or {}
+        last = dict(trial.last_result or {})
+        df = frames.get(tid)
+        stopped = (exp_dir / "trials" / tid / STOPPED_FILE).is_file()
+        row: dict[str, Any] = {"trial_id": tid, "status": _status(trial.status, final, stopped)}
+        row.update({p.name: trial.config.get(p.path) for p in params})
+        row["epochs"] = _last(df, "epoch", last.get("epoch"))
+        row["proxy_top1"] = _last(df, "proxy_top1", None)
+        for key in ("objective", "val_top1", "val_macro_f1", "test_top1_last", "test_top1_mean_last5",
+                    "test_macro_f1"):
+            row[key] = final.get(key, last.get(key))
+        row["seconds"] = last.get("time_total_s")
+        row["starts"] = starts.get(tid, 0)
+        row["error"] = final.get("failure") or (_error_line(trial) if trial.status == "ERROR" else "")
+        rows.append(row)
+    return rows
+
+
+def _error_line(trial) -> str:
+    text = str(trial.get_error() or "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "error"
+
+
+def _status(tune_status: str, final: dict, stopped: bool) -> str:
+    if finite(final.get("objective")):
+        return "completed"
+    if tune_status == "ERROR" or final.get("failure"):
+        return "failed"
+    return "stopped_early" if stopped else "unfinished"
+
+
+def _last(df, column: str, default):
+    if df is None or column not in df:
+        return default
+    values = [v for v in df[column].tolist() if finite(v)]
+    return values[-1] if values else default
+
+
+def count_starts(exp_dir: Path) -> dict[str, int]:
+    """How many times each trial's trainable started (from ``trial_starts.jsonl``)."""
+    out: dict[str, int] = {}
+    path = exp_dir / STARTS_FILE
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                tid = json.loads(line)["trial_id"]
+                out[tid] = out.get(tid, 0) + 1
+    return out
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The completed trial with the highest objective (ties: the earlier trial)."""
+    done = [r for r in rows if r["status"] == "completed"]
+    return max(done, key=lambda r: r["objective"]) if done else None
+
+
+def write_table(rows: list[dict], params: list[Param], path: Path) -> Path:
+    columns = ["trial_id", "status", *[p.name for p in params], *METRIC_COLUMNS, "error"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def format_table(rows: list[dict], params: list[Param]) -> str:
+    """A fixed-width console table (the CSV without the error column)."""
+    columns = ["trial_id", "status", *[p.name for p in params], *METRIC_COLUMNS]
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def plot_objective(rows: list[dict], params: list[Param], path: Path) -> Path | None:
+    """Objective against each searched parameter; stopped trials at their last proxy value."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    best = best_row(rows)
+    fig, axes = plt.subplots(1, len(params), figsize=(3.4 * len(params), 3.0), dpi=100, squeeze=False)
+    for ax, p in zip(axes[0], params):
+        values = [r[p.name] for r in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        labels = sorted({repr(v) for v in values}) if not numeric else []
+        xs = [v if numeric else labels.index(repr(v)) for v in values]
+        for x, r in zip(xs, rows):
+            if r["status"] == "completed":
+                ax.scatter(x, r["objective"], color="tab:blue", zorder=3)
+            elif finite(r.get("proxy_top1")):
+                ax.scatter(x, r["proxy_top1"], facecolors="none", edgecolors="gray", zorder=2)
+        if best is not None:
+            bx = best[p.name] if numeric else labels.index(repr(best[p.name]))
+            ax.scatter(bx, best["objective"], marker="*", s=180, color="tab:red", zorder=4)
+        if numeric and p.kind.startswith(("log", "qlog")):
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # avoid overlapping labels
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(p.name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("objective (FER val top-1, %)")
+    fig.suptitle("filled: chained FER objective · hollow: proxy of early-stopped trials · star: best", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_best(row: dict, exp_dir: Path, base_pretrain: dict, fer: dict, sweep_name: str,
+               objective_metric: str) -> dict[str, Path]:
+    """``best_pretrain.yaml`` (a PretrainConfig: ``fra pretrain`` runs it), ``best_pipeline.yaml``
+    (``pretrain:`` + ``fer:`` sections) and ``best.json`` for the best trial."""
+    tid = row["trial_id"]
+    trial_cfg = yaml.safe_load((exp_dir / "trials" / tid / "pretrain.yaml").read_text())
+    # The trial's own settings, but a fresh run name and the base's storage and tracking.
+    trial_cfg["run"] = {**trial_cfg["run"], "name": f"{sweep_name}-best",
+                        "storage_path": base_pretrain.get("run", {}).get("storage_path", "runs")}
+    trial_cfg["tracking"] = {**trial_cfg["tracking"], "enabled": True, **base_pretrain.get("tracking", {})}
+    header = (f"# Best trial {tid} of sweep {sweep_name}: {objective_metric} = {row['objective']:.4g} "
+              f"(FER validation carve; test top-1 last = {_fmt(row.get('test_top1_last'))}).\n"
+              f"# Written by fra tune from {exp_dir}; ready to run.\n")
+    out = {"config": exp_dir / "best_pretrain.yaml", "pipeline": exp_dir / "best_pipeline.yaml",
+           "json": exp_dir / "best.json"}
+    atomic_write_text(out["config"], header + yaml.safe_dump(trial_cfg, sort_keys=False))
+    atomic_write_text(out["pipeline"], header + yaml.safe_dump({"pretrain": trial_cfg, "fer": fer}, sort_keys=False))
+    done = json.loads((exp_dir / "trials" / tid / "result.json").read_text())
+    atomic_write_json(out["json"], {"trial_id": tid, "params": done["params"], "report": done["report"],
+                                    "pretrain": done.get("pretrain", {}), "fer": done.get("fer", {}),
+                                    "config": str(out["config"]), "pipeline": str(out["pipeline"])})
+    return out
+
+
+__all__ = ["collect_rows", "count_starts", "best_row", "write_table", "format_table", "plot_objective",
+           "write_best", "METRIC_COLUMNS", "STOPPED_FILE"]

@@ -1,0 +1,246 @@
+"""The sweep driver: run or resume Ray Tune over :func:`fra.tuning.trial.fra_trial`, then report.
+
+Layout of ``<run.storage_path>/<run.name>/``: Tune's experiment state and per-trial dirs,
+``train_runs/train_<trial>/`` (each trial's pretraining run: checkpoints, ``final/``,
+``export/backbone.pt``), ``fer_runs/fer_<trial>/`` (the chained evaluation), ``trials/<trial>/``
+(``pretrain.yaml``, ``result.json``), ``trial_starts.jsonl``, ``sweep.yaml`` (the resolved sweep)
+and the outputs ``results.csv``, ``objective.png``, ``best_pretrain.yaml``, ``best_pipeline.yaml``,
+``best.json``. MLflow gets one parent run per sweep and one nested run per trial.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray.tune.schedulers import ASHAScheduler
+
+from fra.config import load_yaml, to_dict
+from fra.errors import ConfigError, FraError
+from fra.tuning import report
+from fra.tuning.config import Resolved, SchedulerSettings, SweepConfig, check_resources, resolve
+from fra.tuning.mlflow_runs import MLflowTrials, log_sweep_summary, open_parent_run
+from fra.tuning.space import set_paths
+from fra.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# Sections that define which trials a sweep has: they must not change between a run and its resume.
+IDENTITY_KEYS = ("pretrain", "fer", "space", "num_samples", "seed", "scheduler", "objective", "synthetic_fer")
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` produced (paths are absolute)."""
+
+    experiment_dir: Path
+    best_trial_id: str | None
+    best_params: dict[str, Any]
+    best_objective: float | None
+    best_metrics: dict[str, Any]
+    best_config_path: Path | None  # ready-to-run PretrainConfig YAML
+    best_pipeline_path: Path | None  # pretrain + fer sections
+    best_export_dir: Path | None  # the best trial's exported backbone + model card (for registration)
+    best_backbone: Path | None
+    table_path: Path
+    plot_path: Path | None
+    mlflow_run_id: str | None
+    rows: list[dict] = field(default_factory=list, repr=False)
+    table_text: str = field(default="", repr=False)  # the table as fixed-width text
+
+
+class SweepInterrupted(FraError):
+    """The sweep stopped before every trial finished; running it again resumes it."""
+
+
+def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
+    """Run (or resume) a sweep; every trial = pretrain -> chained FER evaluation.
+
+    Args:
+        cfg: the sweep.
+        resume: continue the sweep already in ``run.storage_path/run.name`` (finished trials are
+            kept, unfinished ones continue); False refuses to reuse an existing sweep directory.
+
+    Raises:
+        ConfigError: invalid config or a trial larger than the cluster (before any trial runs).
+        SweepInterrupted: the driver was interrupted; the outputs cover the finished trials.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from fra.tuning.space import to_tune
+    from fra.tuning.trial import TrialSetup, fra_trial
+
+    res = resolve(cfg)
+    exp_dir = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+    check_snapshot(cfg, exp_dir, resume)
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.ray_address or None, include_dashboard=False,
+                 **({} if cfg.run.ray_address or not cfg.run.num_cpus else {"num_cpus": cfg.run.num_cpus}))
+    concurrency = check_resources(cfg, res, ray.cluster_resources())
+    fer = set_paths(to_dict(res.fer), {"data.shards": fer_shards(cfg, res, exp_dir),
+                                       "protocol": cfg.objective.protocol})
+    if res.base.data.source == "synthetic":  # render once here, not in every trial at the same time
+        from fra.train.ray_trainer import prepare_data
+
+        prepare_data(res.base, str(exp_dir / "train_runs"))
+    atomic_write_text(exp_dir / "sweep.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    uri, parent = open_parent_run(cfg, exp_dir)
+    setup = TrialSetup(base=to_dict(res.base), fer=fer, objective=to_dict(cfg.objective), sweep_dir=str(exp_dir),
+                       scheduler_metric=cfg.scheduler.metric if cfg.scheduler.name != "none" else "")
+    trainable = tune.with_resources(tune.with_parameters(fra_trial, setup=setup), {"CPU": cfg.resources.cpus})
+    if resume and tune.Tuner.can_restore(str(exp_dir)):
+        log.info("resuming sweep %s (finished trials are kept)", exp_dir)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        callbacks = [MLflowTrials(uri, cfg.tracking.experiment, parent, str(exp_dir))] if parent else []
+        tuner = tune.Tuner(
+            trainable, param_space=to_tune(res.params),
+            tune_config=tune.TuneConfig(
+                num_samples=cfg.num_samples,  # concurrency: the search algorithm's max_concurrent
+                search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.seed),
+                scheduler=build_scheduler(cfg.scheduler, res.max_t, exp_dir)),
+            run_config=tune.RunConfig(name=cfg.run.name, storage_path=str(exp_dir.parent), callbacks=callbacks))
+    grid = tuner.fit()
+    out = write_outputs(cfg, res, grid, exp_dir, fer, uri, parent)
+    unfinished = [r["trial_id"] for r in out.rows if r["status"] == "unfinished"]
+    missing = expected_trials(cfg, res) - len(out.rows)
+    if unfinished or missing > 0:
+        raise SweepInterrupted(f"sweep {exp_dir} was interrupted: {len(unfinished)} trial(s) unfinished, "
+                               f"{max(missing, 0)} not started; run the same command again to resume "
+                               f"(table so far: {out.table_path})")
+    return out
+
+
+def expected_trials(cfg: SweepConfig, res: Resolved) -> int:
+    """num_samples x the size of every grid."""
+    n = cfg.num_samples
+    for p in res.params:
+        n *= len(p.args) if p.kind == "grid" else 1
+    return n
+
+
+def build_scheduler(s: SchedulerSettings, max_t: int, exp_dir: Path):
+    """ASHA on a per-epoch metric, or None (FIFO: every trial runs to its evaluation)."""
+    if s.name == "none":
+        return None
+    # NOTE: stop_last_trials=False: a trial reaching max_t must still run its chained evaluation.
+    return RecordingASHA(str(exp_dir), time_attr=s.time_attr, metric=s.metric, mode=s.mode, max_t=max_t,
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor, stop_last_trials=False)
+
+
+class RecordingASHA(ASHAScheduler):
+    """ASHA that records its early stops and keeps its rungs across an interrupted sweep.
+
+    Tune marks trials TERMINATED both when a scheduler stops them and when the driver is
+    interrupted, so each stop is written to ``trials/<id>/stopped_early.json`` for the table.
+    Tune does not save scheduler state either: a restored sweep would start with empty rungs and
+    compare the remaining trials with fewer results. The rungs are therefore saved to
+    ``scheduler_state.pkl`` after every decision and loaded back once by a resumed sweep.
+    """
+
+    STATE_FILE = "scheduler_state.pkl"
+
+    def __init__(self, exp_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        self.exp_dir = exp_dir
+        self._loaded = False
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._load_once()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._load_once()
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP:
+            atomic_write_json(Path(self.exp_dir) / "trials" / trial.trial_id / report.STOPPED_FILE,
+                              {"at": result.get(self._time_attr), "metric": self._metric,
+                               "value": result.get(self._metric)})
+        self._save()
+        return action
+
+    def _load_once(self) -> None:
+        path = Path(self.exp_dir) / self.STATE_FILE
+        if self._loaded or not path.is_file():
+            self._loaded = True
+            return
+        self._loaded = True
+        state = pickle.loads(path.read_bytes())  # written by this class for this sweep
+        self._brackets, self._num_stopped = state["brackets"], state["num_stopped"]
+        self._trial_info.update(state["trial_info"])
+        log.info("ASHA: restored rungs of %d trial(s) from %s", len(state["trial_info"]), path)
+
+    def _save(self) -> None:
+        state = {"brackets": self._brackets, "trial_info": self._trial_info, "num_stopped": self._num_stopped}
+        atomic_write_bytes(Path(self.exp_dir) / self.STATE_FILE, pickle.dumps(state))
+
+
+def check_snapshot(cfg: SweepConfig, exp_dir: Path, resume: bool) -> None:
+    """Refuse to resume a sweep whose trial-defining settings changed (or to reuse one on --fresh)."""
+    snap = exp_dir / "sweep.yaml"
+    if not snap.is_file():
+        return
+    if not resume:
+        raise ConfigError(f"{exp_dir} already holds a sweep: resume it, or choose another run.name")
+    old, new = load_yaml(snap), to_dict(cfg)
+    changed = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
+    if changed:
+        raise ConfigError(f"cannot resume {exp_dir}: {', '.join(changed)} changed since it started "
+                          "(use another run.name for a new sweep)")
+
+
+def fer_shards(cfg: SweepConfig, res: Resolved, exp_dir: Path) -> str:
+    """The FER shard root; renders synthetic FER shards first when asked (resumable, cached)."""
+    if res.fer.data.shards:
+        return res.fer.data.shards
+    from fra.data.shards import write_shards
+
+    s = to_dict(cfg.synthetic_fer)
+    key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:12]
+    out = exp_dir.parent / "_shards" / f"fer_synthetic_{key}"
+    write_shards("synthetic_faces", "", str(out), images_per_shard=256, row_group_size=32,
+                 num_identities=s["num_identities"], images_per_identity=s["images_per_identity"],
+                 size=s["size"], seed=s["seed"])
+    return str(out)
+
+
+def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: Path, fer: dict, uri: str,
+                  parent: str | None) -> SweepResult:
+    """Table (CSV + console), plot, best config files, and the parent MLflow run's summary."""
+    rows = report.collect_rows(grid, res.params, exp_dir)
+    table = report.write_table(rows, res.params, exp_dir / "results.csv")
+    text = report.format_table(rows, res.params)
+    log.info("sweep %s: %d trial(s)\n%s", exp_dir.name, len(rows), text)
+    plot = report.plot_objective(rows, res.params, exp_dir / "objective.png")
+    best = report.best_row(rows)
+    files: dict[str, Path] = {}
+    done: dict = {}
+    if best is not None:
+        fer_out = set_paths(fer, {"tracking.enabled": True})
+        files = report.write_best(best, exp_dir, cfg.pretrain, fer_out, cfg.run.name, cfg.objective.metric)
+        done = json.loads((exp_dir / "trials" / best["trial_id"] / "result.json").read_text())
+        log.info("best trial %s: %s = %.4g -> %s", best["trial_id"], cfg.objective.metric, best["objective"],
+                 files["config"])
+    else:
+        log.warning("no trial completed its FER evaluation; no best config written")
+    if parent:
+        log_sweep_summary(uri, parent, rows, best, [table, plot, *files.values(), exp_dir / "sweep.yaml"])
+    export = Path(done["pretrain"]["export_dir"]) if done.get("pretrain") else None
+    return SweepResult(
+        experiment_dir=exp_dir, best_trial_id=best["trial_id"] if best else None,
+        best_params=dict(done.get("params", {})), best_objective=best["objective"] if best else None,
+        best_metrics=dict(done.get("report", {})), best_config_path=files.get("config"),
+        best_pipeline_path=files.get("pipeline"), best_export_dir=export,
+        best_backbone=export / "backbone.pt" if export else None, table_path=table, plot_path=plot,
+        mlflow_run_id=parent, rows=rows, table_text=text)
+
+
+__all__ = ["SweepResult", "SweepInterrupted", "run_sweep", "expected_trials", "build_scheduler", "RecordingASHA",
+           "check_snapshot", "fer_shards", "write_outputs"]

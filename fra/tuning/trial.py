@@ -1,0 +1,248 @@
+"""One Tune trial = the project's pretraining, then the project's FER evaluation (chained).
+
+:func:`fra_trial` is a Tune function trainable. It builds the trial's
+:class:`~fra.config.PretrainConfig` (base + sampled values), runs
+:func:`fra.train.ray_trainer.pretrain_ray` (the same code as ``fra pretrain``) with
+:class:`ProxyReport` in the Train run config, then :func:`fra.evaluation.fer.evaluate_fer` (the
+same code as ``fra evaluate fer``) on the pretrained backbone, and reports the objective.
+
+* Per epoch, :class:`ProxyReport` (a Train ``UserCallback`` running in the Train controller)
+  scores the epoch's checkpoint with the frozen-feature linear probe on a holdout carved from the
+  FER *train* split, and forwards rank 0's metrics plus ``proxy_top1`` to Tune for ASHA.
+* The inner Train run is named ``train_<trial_id>``: a trial restored after an interruption
+  continues its pretraining from the last checkpoint (Train V2 resumes by name).
+* ``result.json`` in ``trials/<trial_id>/`` records the finished trial; a restarted trial that
+  finds it (or a finished export) does not redo that work.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from fra.config import dump_yaml, from_dict
+from fra.errors import FraError
+from fra.tuning.space import apply_params, plain, set_paths
+from fra.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+STARTS_FILE = "trial_starts.jsonl"
+EPOCHS_FILE = "epochs.json"  # per trial: the results forwarded to Tune during pretraining
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial shares (plain values; shipped once through the object store)."""
+
+    base: dict  # resolved PretrainConfig mapping (resources forced in)
+    fer: dict  # resolved FERConfig mapping (shards filled in)
+    objective: dict  # ObjectiveSettings as a mapping
+    sweep_dir: str
+    scheduler_metric: str = ""  # must appear in every result Tune receives (its strict metric check)
+
+
+class ProxyReport(TuneReportCallback):
+    """Forward each checkpointed report to Tune, adding the frozen-feature probe accuracy.
+
+    Runs in the Ray Train controller. The probe is computed once per completed epoch (a
+    mid-epoch checkpoint repeats the epoch's value) on rows of the FER train split held out by
+    path hash; the test split is never read. Every forwarded result is also appended to
+    ``record`` (JSON list), from which the trial's final report repeats the last epoch's values.
+    """
+
+    def __init__(self, probe: dict | None, record: str):
+        super().__init__()
+        self.probe = probe  # linear_probe_features kwargs; None = forward metrics only
+        self.record = record
+        self._epoch, self._value = -1, float("nan")
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        out = dict(metrics[0])
+        if checkpoint is not None:
+            out["checkpoint_path"] = checkpoint.path
+            epoch = int(out.get("epoch", 0))
+            if self.probe is not None and epoch > self._epoch:
+                self._epoch, self._value = epoch, self._score(checkpoint)
+        if self.probe is not None:
+            out["proxy_top1"] = self._value
+        self._training_actor_item_queue.put(out)
+        try:
+            history = read_record(self.record)
+            history.append({k: v for k, v in out.items() if isinstance(v, (int, float))})
+            atomic_write_json(self.record, history)
+        except OSError as exc:
+            log.warning("could not record epoch metrics in %s: %s", self.record, exc)
+
+    def _score(self, checkpoint) -> float:
+        from fra.evaluation.probe import linear_probe_features
+
+        try:
+            with checkpoint.as_directory() as d:
+                return float(linear_probe_features(d, **self.probe).top1)
+        except Exception as exc:  # noqa: BLE001 - a failed proxy must not kill the trial
+            log.warning("proxy probe failed on %s: %s", checkpoint.path, exc)
+            return float("nan")
+
+
+def trial_pretrain_config(setup: TrialSetup, params: dict[str, Any], trial_id: str):
+    """Base + sampled values, with the deterministic inner run name ``train_<trial_id>``."""
+    fixed = {"run.name": f"train_{trial_id}", "run.storage_path": str(Path(setup.sweep_dir) / "train_runs")}
+    return apply_params(setup.base, {**params, **fixed})
+
+
+def trial_fer_config(setup: TrialSetup):
+    """The chained evaluation's config: protocol and validation carve from the objective."""
+    from fra.evaluation.fer import FERConfig
+
+    obj, fer = setup.objective, setup.fer
+    values = {"protocol": obj["protocol"], "tracking.enabled": False, "run.save_model": False,
+              "run.storage_path": str(Path(setup.sweep_dir) / "fer_runs"),
+              # NOTE: >= 1 worker: Train's local mode (0) would call ray.train APIs inside the Tune session.
+              "scaling.num_workers": max(1, int(fer.get("scaling", {}).get("num_workers", 1)))}
+    if not fer.get("data", {}).get("val_split"):
+        values["data.val_fraction"] = obj["val_fraction"]
+    return from_dict(FERConfig, set_paths(fer, values))
+
+
+def proxy_kwargs(setup: TrialSetup, fer_cfg) -> dict | None:
+    """Arguments of the per-epoch probe (None when the proxy is off)."""
+    obj = setup.objective
+    if obj["proxy"] == "none":
+        return None
+    return {"shards": fer_cfg.data.shards, "train_split": fer_cfg.data.train_split,
+            "holdout": obj["val_fraction"] or 0.2, "image_size": fer_cfg.data.image_size,
+            "max_rows": obj["proxy_max_rows"]}
+
+
+def fer_metrics(result, metric: str) -> dict[str, float]:
+    """Validation metrics (selection) and test metrics (reporting only) of one FER run."""
+    s = result.summary
+    val = s.get("val_last") or {}
+    out = {"val_top1": val.get("top1"), "val_macro_f1": val.get("macro_f1"), "val_top1_best": s.get("val_top1_best"),
+           "test_top1_last": result.top1_last, "test_top1_mean_last5": result.top1_mean_last5,
+           "test_macro_f1": result.macro_f1, "test_mean_class_acc": result.mean_class_acc}
+    out = {k: float("nan") if v is None else float(v) for k, v in out.items()}
+    out["objective"] = out[metric]
+    return out
+
+
+def read_record(path: str | Path) -> list[dict]:
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else []
+
+
+def last_epoch_metrics(path: str | Path, scheduler_metric: str) -> dict:
+    """The last forwarded per-epoch result (the scheduler metric is always present, NaN if unknown)."""
+    history = read_record(path)
+    last = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("step",)}
+    if scheduler_metric:
+        last.setdefault(scheduler_metric, float("nan"))
+    return last
+
+
+def record_start(root: Path, trial_id: str, params: dict) -> None:
+    """Append one line per trial start (resume audits count these)."""
+    root.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"trial_id": trial_id, "params": params, "time": time.time(), "pid": os.getpid()})
+    with open(root / STARTS_FILE, "a") as fh:
+        fh.write(line + "\n")
+
+
+def fra_trial(config: dict, setup: TrialSetup) -> None:
+    """The Tune function trainable (see the module docstring)."""
+    from ray import tune
+
+    from fra.evaluation.fer import evaluate_fer
+
+    trial_id = tune.get_context().get_trial_id()
+    params = {k: plain(v) for k, v in config.items()}
+    root, tdir = Path(setup.sweep_dir), Path(setup.sweep_dir) / "trials" / trial_id
+    record_start(root, trial_id, params)
+    done = tdir / "result.json"
+    if done.is_file():  # finished before an interruption, but Tune never recorded it
+        tune.report(json.loads(done.read_text())["report"])
+        return
+    cfg = trial_pretrain_config(setup, params, trial_id)
+    fer_cfg = trial_fer_config(setup)
+    dump_yaml(cfg, tdir / "pretrain.yaml")
+    t0 = time.time()
+    try:
+        pre = pretrain_or_reuse(cfg, [ProxyReport(proxy_kwargs(setup, fer_cfg), str(tdir / EPOCHS_FILE))])
+    except FraError as exc:
+        if getattr(exc, "status", None) not in ("nonfinite", "collapse"):
+            raise  # infrastructure or config trouble: the trial errors (and is retried on resume)
+        # diverged / collapsed: a legitimate, final outcome of these settings
+        log.warning("trial %s: pretraining stopped: %s", trial_id, exc)
+        report = {**last_epoch_metrics(tdir / EPOCHS_FILE, setup.scheduler_metric),
+                  "objective": float("nan"), "failure": str(exc)[:500]}
+        atomic_write_json(done, {"trial_id": trial_id, "params": params, "report": report})
+        tune.report(report)
+        return
+    t1 = time.time()
+    fer = evaluate_fer(fer_cfg, pre["backbone"], run_name=f"fer_{trial_id}")
+    report = {**last_epoch_metrics(tdir / EPOCHS_FILE, setup.scheduler_metric),
+              **fer_metrics(fer, setup.objective["metric"]), "epoch": pre["epoch"],
+              "pretrain_seconds": t1 - t0, "fer_seconds": time.time() - t1}
+    atomic_write_json(done, {"trial_id": trial_id, "params": params, "report": report, "pretrain": pre,
+                             "fer": {"results": str(fer.results_path), "run_dir": str(fer.run_dir)},
+                             "config": str(tdir / "pretrain.yaml")})
+    tune.report(report)
+
+
+def pretrain_or_reuse(cfg, callbacks: list) -> dict:
+    """Run :func:`~fra.train.ray_trainer.pretrain_ray`, unless this run already exported its backbone."""
+    from fra.train import ray_trainer
+
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    export = run_dir / "export"
+    if (export / "backbone.pt").is_file() and (export / "model_card.json").is_file():
+        log.info("%s: pretraining already finished; reusing %s", cfg.run.name, export)
+        return {"run_dir": str(run_dir), "export_dir": str(export), "backbone": str(export / "backbone.pt"),
+                "epoch": cfg.optim.epochs, "reused": True}
+    if "callbacks" in inspect.signature(ray_trainer.pretrain_ray).parameters:
+        out = ray_trainer.pretrain_ray(cfg, callbacks=callbacks)
+    else:
+        with _extra_train_callbacks(callbacks):
+            out = ray_trainer.pretrain_ray(cfg)
+    rv = out.return_value or {}
+    return {"run_dir": str(out.run_dir), "export_dir": str(Path(out.backbone).parent), "backbone": out.backbone,
+            "checkpoint": out.checkpoint, "epoch": int(rv.get("epoch", cfg.optim.epochs)),
+            "steps": rv.get("step"), "reused": False}
+
+
+@contextlib.contextmanager
+def _extra_train_callbacks(callbacks: list):
+    """Add ``callbacks`` to the Train ``RunConfig`` built inside ``pretrain_ray``.
+
+    NOTE: a stop-gap until ``pretrain_ray`` takes ``callbacks=``. It swaps ``ray.train.RunConfig``
+    (looked up at call time there) for a one-shot stand-in in this trial process; the original is
+    back before ``fit()`` (Ray fails to serialize the run context while the stand-in is installed).
+    """
+    import ray.train
+
+    original = ray.train.RunConfig
+
+    def run_config(*args, **kwargs):
+        ray.train.RunConfig = original
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + list(callbacks)
+        return original(*args, **kwargs)
+
+    ray.train.RunConfig = run_config
+    try:
+        yield
+    finally:
+        ray.train.RunConfig = original
+
+
+__all__ = ["TrialSetup", "ProxyReport", "fra_trial", "trial_pretrain_config", "trial_fer_config", "fer_metrics",
+           "proxy_kwargs", "record_start", "read_record", "last_epoch_metrics", "pretrain_or_reuse",
+           "STARTS_FILE", "EPOCHS_FILE"]

@@ -1,0 +1,203 @@
+"""Sweep configs and search spaces: parsing, rejection before anything runs, outputs (no Ray runtime)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fra.config import PretrainConfig
+from fra.errors import ConfigError
+from fra.tuning.config import SweepConfig, check_resources, load_sweep_config, resolve
+from fra.tuning.space import apply_params, parse_space, resolve_name, to_tune
+
+ROOT = Path(__file__).resolve().parents[1]
+ISSUE_SPACE = {"num_proto": {"choice": [4, 8, 16]}, "teacher_temp": {"loguniform": [0.02, 0.1]},
+               "loss_weight": {"uniform": [0.3, 0.7]}, "loss_w_cluster": {"loguniform": [0.03, 0.3]},
+               "lr": {"loguniform": [0.1, 1.0]}, "model.hidden_dim": {"grid": [32, 64]}}
+
+
+def test_issue_space_maps_onto_the_pretrain_config():
+    params = parse_space(ISSUE_SPACE)
+    assert [(p.name, p.path, p.kind) for p in params] == [
+        ("num_proto", "model.num_proto", "choice"), ("teacher_temp", "model.teacher_temp", "loguniform"),
+        ("loss_weight", "model.loss_weight", "uniform"), ("loss_w_cluster", "model.loss_w_cluster", "loguniform"),
+        ("lr", "optim.lr", "loguniform"), ("model.hidden_dim", "model.hidden_dim", "grid")]
+
+
+def test_tune_domains_sample_valid_configs():
+    space = to_tune(parse_space(ISSUE_SPACE))
+    assert set(space) == {"model.num_proto", "model.teacher_temp", "model.loss_weight", "model.loss_w_cluster",
+                          "optim.lr", "model.hidden_dim"}
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        values = {k: d.sample(random_state=rng) for k, d in space.items() if hasattr(d, "sample")}
+        cfg = apply_params({}, values)  # numpy scalars from Tune must pass the typed config
+        assert isinstance(cfg, PretrainConfig)
+        assert cfg.model.num_proto in (4, 8, 16) and 0.02 <= cfg.model.teacher_temp <= 0.1
+        assert 0.3 <= cfg.model.loss_weight <= 0.7 and 0.1 <= cfg.optim.lr <= 1.0
+    assert space["model.hidden_dim"] == {"grid_search": [32, 64]}
+
+
+@pytest.mark.parametrize("space, match", [
+    ({"num_prot": {"choice": [4]}}, "did you mean 'num_proto'"),
+    ({"hidden_dim": {"choice": [32]}}, "did you mean 'model.hidden_dim'"),
+    ({"model.nope": {"choice": [1]}}, "unknown parameter 'model.nope'"),
+    ({"lr": {"unifrom": [0.1, 1]}}, "did you mean 'uniform'"),
+    ({"lr": [0.1, 1.0]}, "exactly one distribution"),
+    ({"lr": {"uniform": [0.1]}}, "list of 2 numbers"),
+    ({"lr": {"uniform": [1.0, 0.1]}}, "lower < upper"),
+    ({"lr": {"loguniform": [0.0, 1.0]}}, "positive lower bound"),
+    ({"lr": {"uniform": ["a", 1.0]}}, "finite numbers"),
+    ({"num_proto": {"uniform": [2, 8]}}, "integer; use randint"),
+    ({"num_proto": {"randint": [2.5, 8]}}, "bounds must be integers"),
+    ({"num_proto": {"choice": []}}, "non-empty list"),
+    ({"num_proto": {"choice": [4, 4]}}, "distinct"),
+    ({"loss_weight": {"uniform": [0.3, 1.5]}}, "loss_weight=1.5 is not a valid config value"),
+    ({"num_proto": {"choice": [4, 0]}}, "num_proto=0"),
+    ({"model.method": {"choice": ["fra", "simclr"]}}, "model.method"),
+    ({"model.method": {"uniform": [0, 1]}}, "not numeric"),
+    ({"num_proto": {"choice": [4]}, "model.num_proto": {"choice": [8]}}, "both set model.num_proto"),
+    ({}, "non-empty mapping"),
+])
+def test_bad_spaces_are_rejected_with_a_clear_error(space, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_space(space)
+
+
+def test_aliases_and_paths():
+    assert resolve_name("lr") == "optim.lr"
+    assert resolve_name("model.decoder_layers") == "model.decoder_layers"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_tune_config_loads_and_validates(path):
+    res = resolve(load_sweep_config(path))
+    assert res.params and res.max_t == res.base.optim.epochs
+
+
+def _demo(tmp_path, **sets) -> SweepConfig:
+    overrides = [f"run.storage_path={tmp_path}"] + [f"{k}={v}" for k, v in sets.items()]
+    return load_sweep_config(None, overrides)
+
+
+def test_demo_is_the_default_and_forces_trial_resources(tmp_path):
+    cfg = _demo(tmp_path, **{"resources.workers": 2})
+    res = resolve(cfg)
+    assert cfg.run.name == "demo-sweep" and cfg.num_samples == 3
+    assert res.base.scaling.num_workers == 2 and res.base.tracking.enabled is False
+    assert res.base.model.backbone == "resnet18"
+
+
+@pytest.mark.parametrize("sets, match", [
+    ({"objective.val_fraction": 0.0}, "needs a validation split"),
+    ({"objective.proxy": "none"}, "needs objective.proxy=linear_probe"),
+    ({"scheduler.max_t": 1}, "would stop every trial before its FER evaluation"),
+    ({"scheduler.grace_period": 5}, "grace_period"),
+    ({"synthetic_fer.enabled": False}, "fer.data.shards is empty"),
+    ({"objective.protocol": "knn"}, "objective.protocol"),
+    ({"pretrain.model.num_protos": 3}, "did you mean"),
+    ({"fer.protocol": "zero-shot"}, "protocol"),
+    ({"resources.workers": 3}, "not divisible by 3 workers"),
+])
+def test_sweep_config_errors_before_anything_runs(tmp_path, sets, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve(_demo(tmp_path, **sets))
+
+
+def test_pipeline_sweep_section_and_inlined_paths(tmp_path):
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump({"model": {"backbone": "resnet18", "hidden_dim": 64},
+                                                       "data": {"source": "synthetic"}}))
+    (tmp_path / "fer.yaml").write_text(yaml.safe_dump({"fer": {"data": {"shards": "somewhere"}}}))
+    pipeline = {"pretrain": "pre.yaml", "sweep": {"fer": "fer.yaml", "space": {"lr": {"uniform": [0.1, 0.5]}},
+                                                  "run": {"storage_path": str(tmp_path)}}}
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(pipeline))
+    cfg = load_sweep_config(tmp_path / "pipe.yaml", ["sweep.pretrain.optim.epochs=3", "pretrain.optim.warmup_epochs=1", "num_samples=2"])
+    res = resolve(cfg)
+    assert res.base.model.hidden_dim == 64 and res.base.optim.epochs == 3 and cfg.num_samples == 2
+    assert res.fer.data.shards == "somewhere"
+
+
+def test_a_trial_larger_than_the_cluster_fails_fast(tmp_path):
+    cfg = _demo(tmp_path, **{"resources.workers": 4, "max_concurrent_trials": 4})
+    res = resolve(cfg)
+    with pytest.raises(ConfigError, match="one trial needs more than the cluster has.*CPU: needs 5.5, cluster has 4"):
+        check_resources(cfg, res, {"CPU": 4.0})
+    assert check_resources(cfg, res, {"CPU": 12.0}) == 2  # clamped to what fits
+    gpu = _demo(tmp_path, **{"resources.gpus_per_worker": 1})
+    with pytest.raises(ConfigError, match="GPU: needs 1"):
+        check_resources(gpu, resolve(gpu), {"CPU": 64.0})
+
+
+def test_table_plot_and_best(tmp_path):
+    from fra.tuning import report
+
+    params = parse_space({"num_proto": {"choice": [2, 4]}, "teacher_temp": {"loguniform": [0.02, 0.1]}})
+    rows = [
+        {"trial_id": "a", "status": "completed", "num_proto": 2, "teacher_temp": 0.03, "objective": 40.0,
+         "proxy_top1": 35.0, "epochs": 2, "seconds": 12.5, "starts": 1},
+        {"trial_id": "b", "status": "stopped_early", "num_proto": 4, "teacher_temp": 0.05, "objective": None,
+         "proxy_top1": 20.0, "epochs": 1, "seconds": 6.0, "starts": 1},
+        {"trial_id": "c", "status": "completed", "num_proto": 4, "teacher_temp": 0.08, "objective": 55.5,
+         "proxy_top1": 50.0, "epochs": 2, "seconds": 13.0, "starts": 2},
+    ]
+    assert report.best_row(rows)["trial_id"] == "c"
+    table = report.write_table(rows, params, tmp_path / "results.csv")
+    got = list(csv.DictReader(table.open()))
+    assert [r["trial_id"] for r in got] == ["a", "b", "c"] and got[1]["objective"] == ""
+    assert "num_proto" in got[0] and "teacher_temp" in got[0]
+    text = report.format_table(rows, params)
+    assert "stopped_early" in text and "55.5" in text
+    png = report.plot_objective(rows, params, tmp_path / "objective.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_check_and_clear_errors(tmp_path, capsys):
+    from fra.cli.main import main
+
+    assert main(["tune", "--check", "--set", f"run.storage_path={tmp_path}"]) == 0
+    assert "num_proto" in capsys.readouterr().out
+    assert main(["tune", "--check", "--set", "space.tau={uniform: [0, 1]}"]) == 1
+    assert "unknown parameter 'tau'" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_sweep(tmp_path):
+    from fra.config import to_dict
+    from fra.tuning.sweep import check_snapshot, expected_trials
+
+    cfg = _demo(tmp_path)
+    exp = tmp_path / cfg.run.name
+    check_snapshot(cfg, exp, resume=True)  # nothing there yet
+    exp.mkdir()
+    (exp / "sweep.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    check_snapshot(_demo(tmp_path, **{"resources.cpus": 1.0}), exp, resume=True)  # resources may change
+    with pytest.raises(ConfigError, match="space changed"):
+        check_snapshot(_demo(tmp_path, **{"space.lr": "{uniform: [0.1, 0.5]}"}), exp, resume=True)
+    with pytest.raises(ConfigError, match="already holds a sweep"):
+        check_snapshot(cfg, exp, resume=False)
+    grid = _demo(tmp_path, **{"space.model.hidden_dim": "{grid: [32, 64]}", "num_samples": 2})
+    assert expected_trials(grid, resolve(grid)) == 4
+
+
+def test_nested_sections_are_dotted_paths():
+    params = parse_space({"model": {"hidden_dim": {"grid": [32, 64]}, "num_proto": {"choice": [4, 8]}},
+                          "lr": {"uniform": [0.1, 0.5]}})
+    assert [(p.name, p.path) for p in params] == [("model.hidden_dim", "model.hidden_dim"),
+                                                  ("model.num_proto", "model.num_proto"), ("lr", "optim.lr")]
+
+
+def test_pipeline_sections_fill_a_bare_sweep_section(tmp_path):
+    from fra.tuning.config import sweep_section
+
+    pipeline = {"pretrain": {"model": {"backbone": "resnet18"}, "optim": {"epochs": 2, "warmup_epochs": 0},
+                             "data": {"source": "synthetic"}},
+                "evaluate": {"protocol": "linear", "data": {"shards": "fer/shards"}, "backbone": {"source": "auto"}},
+                "sweep": {"space": {"num_proto": {"choice": [2, 4]}}, "num_samples": 2}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipeline))
+    res = resolve(load_sweep_config(tmp_path / "p.yaml"))
+    assert res.base.model.backbone == "resnet18" and res.fer.data.shards == "fer/shards" and res.max_t == 2
+    # what the pipeline runner passes: its own (already substituted) sections
+    data = sweep_section(pipeline["sweep"], pipeline["pretrain"], pipeline["evaluate"])
+    assert data["fer"]["data"]["shards"] == "fer/shards" and data["pretrain"]["optim"]["epochs"] == 2
