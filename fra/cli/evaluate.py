@@ -1,0 +1,46 @@
+"""`fra evaluate`: downstream evaluation of a backbone.
+
+    fra evaluate fer CONFIG [--set key=value ...] [--backbone SOURCE] [--name RUN] [--print-config]
+
+CONFIG is a :class:`fra.evaluation.fer.FERConfig` YAML (e.g. ``pipelines/fer_rafdb.yaml``);
+``--backbone`` overrides ``backbone.source`` (a checkpoint / export path, ``models:/name@alias``,
+``runs:/<id>/path``, ``random:resnet18``). Writes ``results.json``, ``confusion.png``,
+``config.yaml`` and ``model.pt`` under ``run.storage_path`` and prints the headline numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    fer = tasks.add_parser("fer", help="facial expression recognition: fine-tune or linear probe (FRA_SPEC §9)")
+    fer.add_argument("config", help="FER config YAML (pipelines/fer_*.yaml)")
+    fer.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set protocol=linear --set optim.epochs=10")
+    fer.add_argument("--backbone", default=None, help="backbone source (overrides backbone.source)")
+    fer.add_argument("--name", default=None, help="run directory name (default: <run.name>-<time>)")
+    fer.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fra.config import load_config, to_dict
+    from fra.evaluation.fer import FERConfig, evaluate_fer, resolve_optim
+
+    cfg = load_config(FERConfig, args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump({**to_dict(cfg), "resolved_optim": resolve_optim(cfg)}, sort_keys=False), end="")
+        return 0
+    result = evaluate_fer(cfg, args.backbone, run_name=args.name)
+    k = cfg.run.last_k
+    print(f"FER {cfg.protocol} on {cfg.data.shards}: top-1 last {result.top1_last:.2f}%  "
+          f"mean of last {min(k, len(result.summary['top1_curve']))} {result.top1_mean_last5:.2f}%  "
+          f"mean-class {result.mean_class_acc:.2f}%  macro-F1 {result.macro_f1:.2f}%  "
+          f"[best epoch {result.best_epoch} on test: {result.top1_best:.2f}%]")
+    print(f"results: {result.results_path}")
+    return 0

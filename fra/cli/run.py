@@ -1,0 +1,57 @@
+"""`fra run PIPELINE.yaml`: run (or resume) a declarative pipeline and print a summary."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/demo.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any key, e.g. --set pretrain.optim.epochs=3")
+    p.add_argument("--restart", action="store_true", help="forget recorded stages and run everything again")
+    p.add_argument("--dry-run", action="store_true", help="validate every stage's config and stop")
+
+
+def summary(cfg, outputs: dict) -> str:
+    """What ran, where the artifacts are, the promoted version."""
+    from fra.pipeline import tracking_uri
+
+    lines = [f"pipeline {cfg.name}: {' -> '.join(cfg.stages)}", f"  storage: {cfg.storage_path}",
+             f"  MLflow:  {tracking_uri(cfg)}"]
+    if "pretrain" in outputs:
+        lines.append(f"  pretrain checkpoint: {outputs['pretrain']['checkpoint']}")
+        lines.append(f"  exported backbone:   {outputs['pretrain']['backbone']}")
+    if "sweep" in outputs:
+        s = outputs["sweep"]
+        lines.append(f"  sweep best config:   {s.get('best_config_path') or s.get('best_config')}")
+    if "evaluate" in outputs:
+        e = outputs["evaluate"]
+        lines.append(f"  FER top-1 (mean of last evals) {e['top1_mean_last5']:.2f}%, last {e['top1_last']:.2f}%, "
+                     f"best epoch {e['top1_best']:.2f}% (test-selected), macro-F1 {e['macro_f1']:.3f}")
+        lines.append(f"  FER results: {e['results_path']}")
+    if "register" in outputs:
+        r = outputs["register"]
+        lines.append(f"  registered: {r['name']} version {r['version']}")
+    if "promote" in outputs:
+        d = outputs["promote"]
+        lines.append(f"  promotion: {d['decision']} ({d['reason']}); champion = {d['name']} v{d['champion']}"
+                     f"  -> load with models:/{d['name']}@champion")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fra.pipeline import load_pipeline, run_pipeline
+
+    cfg = load_pipeline(args.pipeline, args.overrides)
+    if args.dry_run:
+        print(f"pipeline {cfg.name} is valid: stages {cfg.stages}")
+        return 0
+    if args.restart:
+        (Path(cfg.storage_path) / "pipeline_state.json").unlink(missing_ok=True)
+    outputs = run_pipeline(cfg)
+    print(summary(cfg, outputs))
+    Path(cfg.storage_path, "summary.json").write_text(json.dumps(outputs, indent=2, default=str))
+    return 0

@@ -1,0 +1,396 @@
+"""Per-image augmentation: the FRA two-view pretraining transform and the FER transforms.
+
+Both follow the reference (FRA_SPEC §8, §9) op for op, with each image drawing its own random
+parameters from a ``numpy.random.Generator``. Outputs are uint8 (S, S, 3); normalisation
+(:func:`normalize_batch`) happens on the trainer side, on the batch.
+
+# NOTE: speed-ups that keep the statistics of the reference (DATA_NOTES §3, path "f"):
+#  * crop + resize is one ``Image.resize(box=...)`` call (what torchvision v1 does, minus a copy);
+#  * ColorJitter's four ops (in their random order) and RandomGrayscale are affine maps of the
+#    RGB vector, so they are composed into one 3x4 matrix applied by ``Image.convert``; contrast
+#    uses the grey mean the reference would see (propagated analytically). Differences: no
+#    clamping between sub-ops, and hue is a rotation about the grey axis instead of the HSV
+#    hexagon shift (see :func:`colour_matrix`);
+#  * blur is the reference's own PIL GaussianBlur; when the crop is smaller than the output it is
+#    applied (with the colour matrix) before the upsampling, with sigma scaled to crop pixels.
+# tests/test_augment.py checks per-op rates, ranges and view statistics against torchvision.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from fra.data.decode import decode_pil
+
+VGGFACE2_MEAN = (0.5231, 0.4044, 0.3489)
+VGGFACE2_STD = (0.2536, 0.2194, 0.2070)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SOLARIZE_LUT = [i if i < 128 else 255 - i for i in range(256)] * 3
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """The random draw behind one view (enough to co-transform a mask or a box).
+
+    Attributes:
+        box: crop (left, top, right, bottom) in source pixels.
+        flip: horizontal flip applied after the crop.
+        jitter: (brightness, contrast, saturation, hue) factors, or None if not applied.
+        order: the order (indices into ``jitter``) in which the sub-ops are applied.
+        grey: RandomGrayscale fired.
+        blur_sigma: Gaussian blur sigma in output pixels, or None.
+        solarize: solarisation fired.
+    """
+
+    box: tuple[int, int, int, int]
+    flip: bool
+    jitter: tuple[float, float, float, float] | None
+    order: tuple[int, ...]
+    grey: bool
+    blur_sigma: float | None
+    solarize: bool
+
+
+def to_pil(img) -> Image.Image:
+    """Accept a PIL image, a uint8 (H, W[, 3]) array or encoded bytes; return RGB PIL."""
+    if isinstance(img, Image.Image):
+        return img if img.mode == "RGB" else img.convert("RGB")
+    if isinstance(img, (bytes, bytearray, memoryview)):
+        return decode_pil(bytes(img))
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 image array, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    return Image.fromarray(arr).convert("RGB")
+
+
+def random_resized_crop_box(width: int, height: int, scale, ratio, rng: np.random.Generator):
+    """torchvision ``RandomResizedCrop.get_params``: (left, top, right, bottom)."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height  # fallback: the largest central crop within the ratio range
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class TwoViewTransform:
+    """FRA/BYOL asymmetric two-view augmentation (FRA_SPEC §8), uint8 out.
+
+    Per view: RandomResizedCrop(S, scale, ratio 3/4-4/3, bilinear) -> HFlip(0.5) ->
+    ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 -> RandomGrayscale(0.2) -> GaussianBlur
+    (sigma ~ U(0.1, 2.0), p = 1.0 / 0.1) -> Solarize(128, p = 0.0 / 0.2).
+
+    Args:
+        image_size: output side S.
+        scale: RandomResizedCrop area range.
+        ratio: RandomResizedCrop aspect-ratio range.
+        jitter: ColorJitter (brightness, contrast, saturation, hue).
+        jitter_p: probability of applying the jitter.
+        grey_p: RandomGrayscale probability.
+        blur_p: blur probability for view 1 and view 2.
+        blur_sigma: blur sigma range (output pixels).
+        solarize_p: solarize probability for view 1 and view 2.
+        flip_p: horizontal flip probability.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        jitter_p: float = 0.8,
+        grey_p: float = 0.2,
+        blur_p: tuple[float, float] = (1.0, 0.1),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_p: tuple[float, float] = (0.0, 0.2),
+        flip_p: float = 0.5,
+    ):
+        self.image_size = int(image_size)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.jitter, self.jitter_p, self.grey_p = tuple(jitter), jitter_p, grey_p
+        self.blur_p, self.blur_sigma = tuple(blur_p), tuple(blur_sigma)
+        self.solarize_p, self.flip_p = tuple(solarize_p), flip_p
+
+    def sample_view(self, width: int, height: int, view: int, rng: np.random.Generator) -> ViewParams:
+        """Draw the parameters of view 0 or 1 for a ``width`` x ``height`` source."""
+        box = random_resized_crop_box(width, height, self.scale, self.ratio, rng)
+        flip = bool(rng.random() < self.flip_p)
+        jitter, order = None, (0, 1, 2, 3)
+        if rng.random() < self.jitter_p:
+            b, c, s, h = self.jitter
+            order = tuple(int(i) for i in rng.permutation(4))
+            jitter = (
+                float(rng.uniform(max(0.0, 1 - b), 1 + b)),
+                float(rng.uniform(max(0.0, 1 - c), 1 + c)),
+                float(rng.uniform(max(0.0, 1 - s), 1 + s)),
+                float(rng.uniform(-h, h)),
+            )
+        grey = bool(rng.random() < self.grey_p)
+        sigma = float(rng.uniform(*self.blur_sigma)) if rng.random() < self.blur_p[view] else None
+        solarize = bool(rng.random() < self.solarize_p[view])
+        return ViewParams(box, flip, jitter, order, grey, sigma, solarize)
+
+    def sample(self, width: int, height: int, rng: np.random.Generator) -> tuple[ViewParams, ViewParams]:
+        """Draw both views' parameters (view 1 first, then view 2)."""
+        return self.sample_view(width, height, 0, rng), self.sample_view(width, height, 1, rng)
+
+    def render(self, img: Image.Image, p: ViewParams) -> np.ndarray:
+        """Apply one view's parameters to an RGB PIL image; returns uint8 (S, S, 3)."""
+        return np.asarray(self.render_pil(img, p))
+
+    def render_pil(self, img: Image.Image, p: ViewParams) -> Image.Image:
+        """:meth:`render`, returning the PIL image (lets callers copy it straight into a batch)."""
+        size = self.image_size
+        left, top, right, bottom = p.box
+        w, h = right - left, bottom - top
+        if w * h < size * size:  # upsampling: do the pixel-wise ops on the smaller crop
+            out = img.crop(p.box)
+            matrix = _view_matrix(out, p)
+            if matrix is not None:
+                out = out.convert("RGB", matrix)
+            if p.blur_sigma is not None:
+                out = out.filter(ImageFilter.GaussianBlur((p.blur_sigma * w / size, p.blur_sigma * h / size)))
+            out = out.resize((size, size), Image.BILINEAR)
+        else:
+            out = img.resize((size, size), Image.BILINEAR, box=p.box)
+            matrix = _view_matrix(out, p)
+            if matrix is not None:
+                out = out.convert("RGB", matrix)
+            if p.blur_sigma is not None:
+                out = out.filter(ImageFilter.GaussianBlur(p.blur_sigma))
+        if p.solarize:
+            out = out.point(_SOLARIZE_LUT)
+        if p.flip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return out
+
+    def render_mask(self, mask: Image.Image | np.ndarray, p: ViewParams) -> np.ndarray:
+        """Co-transform a label mask (same crop and flip, nearest); returns uint8 (S, S)."""
+        m = mask if isinstance(mask, Image.Image) else Image.fromarray(np.asarray(mask, np.uint8))
+        out = m.resize((self.image_size, self.image_size), Image.NEAREST, box=p.box)
+        if p.flip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(out)
+
+    def __call__(self, img, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Two views of one image.
+
+        Args:
+            img: PIL image, uint8 (H, W[, 3]) array, or encoded bytes.
+            rng: the generator for this image (one per image; never shared across a batch).
+
+        Returns:
+            (view1, view2), each uint8 (S, S, 3).
+        """
+        pil = to_pil(img)
+        p1, p2 = self.sample(pil.width, pil.height, rng)
+        return self.render(pil, p1), self.render(pil, p2)
+
+    def views_with_params(self, img, rng: np.random.Generator, mask=None) -> dict:
+        """Like ``__call__`` but also returns the parameters and, if given, the two masks.
+
+        Returns:
+            ``{"view1", "view2", "params1", "params2"}`` plus ``"mask1", "mask2"`` (uint8
+            (S, S)) when ``mask`` is given. Same random draws as ``__call__``.
+        """
+        pil = to_pil(img)
+        p1, p2 = self.sample(pil.width, pil.height, rng)
+        out = {"view1": self.render(pil, p1), "view2": self.render(pil, p2), "params1": p1, "params2": p2}
+        if mask is not None:
+            out["mask1"], out["mask2"] = self.render_mask(mask, p1), self.render_mask(mask, p2)
+        return out
+
+
+def _view_matrix(img: Image.Image, p: ViewParams) -> tuple[float, ...] | None:
+    """The fused jitter (+ grey) colour matrix of a view for ``img``, or None for the identity."""
+    if p.jitter is None and not p.grey:
+        return None
+    a, t = np.eye(3), np.zeros(3)
+    if p.jitter is not None:
+        mean = _mean_rgb(img) if p.jitter[1] != 1.0 else None
+        a, t = colour_affine(p.jitter, p.order, mean)
+    if p.grey:
+        a, t = np.outer(np.ones(3), _LUMA) @ a, np.full(3, _LUMA @ t)
+    return tuple(np.concatenate([a, t[:, None]], axis=1).ravel().tolist())
+
+
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, what PIL's convert("L") uses
+_LEVELS = np.arange(256, dtype=np.float64)
+
+
+def _mean_rgb(img: Image.Image) -> np.ndarray:
+    """Per-channel mean of an RGB image (``ImageStat.Stat(img).mean`` without its Python loop)."""
+    hist = np.asarray(img.histogram(), dtype=np.float64).reshape(3, 256)
+    return hist @ _LEVELS / hist.sum(axis=1)
+
+
+def colour_affine(jitter, order, mean_rgb=None) -> tuple[np.ndarray, np.ndarray]:
+    """ColorJitter as one affine map ``x -> A x + t`` of the RGB vector (0-255 scale).
+
+    Sub-ops as in torchvision/PIL: brightness ``f x``; contrast ``f x + (1 - f) m`` with ``m``
+    the rounded grey mean of the image at that point; saturation ``f x + (1 - f) luma(x)``;
+    hue a rotation by ``2 pi h`` about the grey axis (approximates the HSV hue shift).
+
+    Args:
+        jitter: (brightness, contrast, saturation, hue) factors.
+        order: sub-op order, indices into ``jitter``.
+        mean_rgb: mean RGB of the input image; needed when contrast != 1.
+
+    Returns:
+        (A (3, 3), t (3,)).
+    """
+    b, c, s, h = jitter
+    a, t = np.eye(3), np.zeros(3)
+    for op in order:
+        if op == 0:
+            m, k = b * np.eye(3), 0.0
+        elif op == 1:
+            grey = math.floor(_LUMA @ (a @ np.asarray(mean_rgb, float) + t) + 0.5)
+            m, k = c * np.eye(3), (1 - c) * grey
+        elif op == 2:
+            m, k = s * np.eye(3) + (1 - s) * np.outer(np.ones(3), _LUMA), 0.0
+        else:
+            m, k = _hue_rotation(h), 0.0
+        a, t = m @ a, m @ t + k
+    return a, t
+
+
+def _hue_rotation(h: float) -> np.ndarray:
+    """Rotation of RGB space by ``2 pi h`` about the (1, 1, 1) axis (Rodrigues)."""
+    theta = 2 * math.pi * h
+    cos, sin, k = math.cos(theta), math.sin(theta), 1 / math.sqrt(3)
+    cross = np.array([[0, -k, k], [k, 0, -k], [-k, k, 0]])
+    return cos * np.eye(3) + sin * cross + (1 - cos) * np.full((3, 3), 1 / 3)
+
+
+class FERTransform:
+    """FER fine-tune / linear-probe transforms (FRA_SPEC §9), uint8 out.
+
+    train: Resize((S, S)) -> HFlip(0.5) -> ColorJitter(0.5, 0.5, 0.5) p=0.5 -> RandomAffine(0,
+    translate=(0.2, 0.2)) p=0.5 -> RandomRotation(10) p=0.5 -> RandomErasing(p=0.5, scale
+    (0.02, 0.33), ratio (0.3, 3.3)). eval: Resize((S, S)).
+
+    # NOTE: RandomErasing happens HERE, not on the trainer. The reference erases the normalised
+    # tensor with value 0, i.e. with the normalisation mean; we fill with round(255 * mean), which
+    # normalises to within 0.5/255/std (< 0.01) of 0. The trainer only normalises.
+
+    Args:
+        image_size: output side S.
+        train: training (random) or evaluation (resize only) transform.
+        mean: normalisation mean of the dataset (the erasing fill colour).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        train: bool = True,
+        jitter: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        jitter_p: float = 0.5,
+        translate: float = 0.2,
+        translate_p: float = 0.5,
+        degrees: float = 10.0,
+        rotate_p: float = 0.5,
+        flip_p: float = 0.5,
+        erase_p: float = 0.5,
+        erase_scale: tuple[float, float] = (0.02, 0.33),
+        erase_ratio: tuple[float, float] = (0.3, 3.3),
+        mean: tuple[float, float, float] = VGGFACE2_MEAN,
+    ):
+        self.image_size, self.train = int(image_size), bool(train)
+        self.jitter, self.jitter_p = tuple(jitter), jitter_p
+        self.translate, self.translate_p = translate, translate_p
+        self.degrees, self.rotate_p, self.flip_p = degrees, rotate_p, flip_p
+        self.erase_p, self.erase_scale, self.erase_ratio = erase_p, tuple(erase_scale), tuple(erase_ratio)
+        self.fill = tuple(int(round(255 * v)) for v in mean)
+
+    def __call__(self, img, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Transform one image (PIL, uint8 array or bytes) to uint8 (S, S, 3)."""
+        size = self.image_size
+        out = to_pil(img).resize((size, size), Image.BILINEAR)
+        if not self.train:
+            return np.asarray(out)
+        if rng is None:
+            raise ValueError("FERTransform(train=True) needs a numpy Generator")
+        if rng.random() < self.flip_p:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        if rng.random() < self.jitter_p:
+            b, c, s = self.jitter
+            order = tuple(int(i) for i in rng.permutation(3))
+            factors = (rng.uniform(1 - b, 1 + b), rng.uniform(1 - c, 1 + c), rng.uniform(1 - s, 1 + s), 0.0)
+            a, t = colour_affine(factors, order, _mean_rgb(out))
+            out = out.convert("RGB", tuple(np.concatenate([a, t[:, None]], axis=1).ravel().tolist()))
+        if rng.random() < self.translate_p:
+            max_d = self.translate * size
+            shift = (int(round(rng.uniform(-max_d, max_d))), int(round(rng.uniform(-max_d, max_d))))
+            out = out.rotate(0, Image.NEAREST, translate=shift, fillcolor=(0, 0, 0))
+        if rng.random() < self.rotate_p:
+            out = out.rotate(float(rng.uniform(-self.degrees, self.degrees)), Image.NEAREST, fillcolor=(0, 0, 0))
+        arr = np.asarray(out)
+        if rng.random() < self.erase_p:
+            box = _erase_box(size, size, self.erase_scale, self.erase_ratio, rng)
+            if box is not None:
+                arr = arr.copy()
+                i, j, h, w = box
+                arr[i : i + h, j : j + w] = self.fill
+        return arr
+
+
+def _erase_box(height: int, width: int, scale, ratio, rng: np.random.Generator):
+    """torchvision ``RandomErasing.get_params``: (top, left, h, w) or None."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        erase_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        h = int(round(math.sqrt(erase_area * aspect)))
+        w = int(round(math.sqrt(erase_area / aspect)))
+        if h < height and w < width:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return None
+
+
+def normalize_batch(batch, mean=VGGFACE2_MEAN, std=VGGFACE2_STD):
+    """uint8 (B, 3, S, S) tensor -> float32, ``(x / 255 - mean) / std`` (trainer side, any device)."""
+    import torch
+
+    x = batch.float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+__all__ = [
+    "VGGFACE2_MEAN",
+    "VGGFACE2_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ViewParams",
+    "TwoViewTransform",
+    "FERTransform",
+    "normalize_batch",
+    "random_resized_crop_box",
+    "colour_affine",
+    "to_pil",
+]

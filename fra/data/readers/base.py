@@ -1,0 +1,261 @@
+"""What every layout reader shares: records, skips, the reader base class, filesystem helpers.
+
+A reader turns a dataset in its official layout into :class:`Record` s (cheap: label files and
+directory listings only) and loads one record's bytes on demand (in the shard-writing task).
+Paths may be local or URIs (``s3://bucket/x``, ``gs://...``); all I/O goes through pyarrow
+filesystems.
+"""
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from fra.data.cards import DatasetCard
+from fra.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image to shard.
+
+    Attributes:
+        split: split name.
+        path: source path relative to the dataset root (or a pseudo path such as
+            ``fer2013.csv#17`` for images stored inside a file).
+        label: class index into the card's ``classes``; -1 if the data has no classes.
+        identity: subject identity, if known.
+        box: face box (x0, y0, x1, y1) in source pixels, if the layout has one.
+        landmarks: flat (x, y, x, y, ...) landmarks in source pixels, if any.
+        payload: inline data for :meth:`Reader.load` (e.g. a FER2013 pixel string).
+        size: file size in bytes when the listing knows it (part of the fingerprint).
+    """
+
+    split: str
+    path: str
+    label: int = -1
+    identity: str | None = None
+    box: tuple[float, float, float, float] | None = None
+    landmarks: tuple[float, ...] | None = None
+    payload: Any = None
+    size: int = -1
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A file that was left out, and why (``missing``, ``corrupt``, ``truncated``, ``unknown_label`` ...)."""
+
+    split: str
+    path: str
+    reason: str
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "path": self.path, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class Scan:
+    """The result of scanning one split.
+
+    Attributes:
+        records: images to shard, in a deterministic order.
+        skipped: entries that cannot be used (listed in the manifest).
+        excluded: counts of entries left out by the dataset's protocol (e.g. AffectNet's
+            "None"/"Uncertain" codes), by reason; counted, not listed.
+        digest: hash of the label files read, for the fingerprint.
+    """
+
+    records: list[Record]
+    skipped: list[Skip]
+    excluded: dict[str, int]
+    digest: str = ""
+
+
+class Reader:
+    """Base class of a layout reader. Subclasses implement :meth:`scan` (and maybe :meth:`load`).
+
+    Args:
+        card: the dataset card.
+        root: dataset root, local path or URI.
+        options: overrides of ``card.options``.
+    """
+
+    def __init__(self, card: DatasetCard, root: str, **options: Any):
+        self.card = card
+        self.root = str(root).rstrip("/") if str(root) not in ("/", "") else str(root)
+        self.options = {**card.options, **options}
+        self._fs: pafs.FileSystem | None = None
+        self._base = ""
+
+    def __getstate__(self) -> dict:  # filesystems are re-created in the worker
+        state = dict(self.__dict__)
+        state["_fs"] = None
+        return state
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs, self._base = resolve(self.root)
+        return self._fs
+
+    def full(self, rel: str) -> str:
+        """Filesystem path of ``rel`` under the root."""
+        _ = self.fs
+        return posixpath.join(self._base, rel) if rel else self._base
+
+    def splits(self) -> list[str]:
+        """Splits this reader can produce (default: the card's)."""
+        return list(self.card.split_names)
+
+    def scan(self, split: str) -> Scan:
+        """List the records of ``split``."""
+        raise NotImplementedError
+
+    def load(self, record: Record) -> dict:
+        """Bytes of one record: ``{"image": bytes}`` plus optional ``"mask"`` (PNG bytes).
+
+        Raises:
+            FileNotFoundError: the file is missing.
+            OSError: it cannot be read.
+        """
+        with self.fs.open_input_stream(self.full(record.path)) as fh:
+            return {"image": fh.readall()}
+
+    def describe(self) -> dict:
+        """JSON-able identity of this reader (part of the fingerprint)."""
+        return {"reader": type(self).__name__, "card": self.card.name, "options": _jsonable(self.options)}
+
+    # ---- helpers for subclasses ------------------------------------------------------------
+    def list_files(self, rel_dir: str) -> list[pafs.FileInfo]:
+        """Recursive listing of regular files under ``rel_dir`` (empty if it does not exist)."""
+        base = self.full(rel_dir)
+        info = self.fs.get_file_info(base)
+        if info.type != pafs.FileType.Directory:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+    def rel(self, path: str) -> str:
+        """Path relative to the root."""
+        _ = self.fs
+        return posixpath.relpath(path, self._base) if self._base else path
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.File
+
+    def read_text(self, rel: str) -> str:
+        """A small text file under the root (label lists, CSVs)."""
+        try:
+            with self.fs.open_input_stream(self.full(rel)) as fh:
+                return fh.readall().decode("utf-8-sig")
+        except FileNotFoundError as exc:
+            raise DataError(f"{self.card.name}: expected file {rel!r} under {self.root}") from exc
+
+
+def is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def text_digest(*texts: str) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj if isinstance(obj, (int, float, str, bool, type(None))) else str(obj)
+
+
+# ---- filesystems -----------------------------------------------------------------------------
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI (``s3://``, ``gs://``, ``file://``).
+
+    S3 endpoint / credentials come from the usual AWS environment variables (``AWS_ENDPOINT_URL``
+    for S3-compatible servers).
+    """
+    uri = str(uri)
+    if "://" not in uri:
+        import os
+
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with a useful message
+        raise DataError(f"cannot open filesystem for {uri!r}: {exc}") from exc
+
+
+def redact(uri: str) -> str:
+    """``uri`` without credentials (``user:secret@`` and secret query parameters), for logs and manifests."""
+    import re
+
+    uri = re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", str(uri))
+    return re.sub(r"(?i)((?:secret_key|access_key|session_token)=)[^&]*", r"\1***", uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI / path components with ``/`` (a ``?query`` on the URI stays at the end)."""
+    base, sep, query = str(uri).partition("?")
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return f"{out}{sep}{query}"
+
+
+def dirname(uri: str) -> str:
+    """Parent of a path or URI (query-aware)."""
+    base, sep, query = str(uri).partition("?")
+    return f"{posixpath.dirname(base.rstrip('/'))}{sep}{query}"
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as fh:
+        return fh.readall()
+
+
+def put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either absent/old or complete: temp name, then rename.
+
+    Locally the rename is atomic (and the file is fsync'ed first); on object stores the final key
+    is created by one server-side copy of a fully uploaded temp object.
+    """
+    if isinstance(fs, pafs.LocalFileSystem):
+        from fra.utils.io import atomic_write_bytes
+
+        import os
+
+        atomic_write_bytes(path, data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # mkstemp creates 0600; shards are meant to be shared
+        return
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+    fs.create_dir(parent, recursive=True)
+    try:
+        with fs.open_output_stream(tmp) as fh:
+            fh.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except Exception:  # noqa: BLE001 - best effort cleanup; the original error matters
+            pass
+        raise
+
+
+def file_size(fs: pafs.FileSystem, path: str) -> int:
+    """Size in bytes, or -1 if ``path`` is not a file."""
+    info = fs.get_file_info(path)
+    return int(info.size) if info.type == pafs.FileType.File else -1

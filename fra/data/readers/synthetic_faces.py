@@ -1,0 +1,54 @@
+"""The procedural synthetic faces (:mod:`fra.data.synthetic`), rendered while sharding.
+
+Images are stored as JPEG (quality option ``jpeg_quality``, default 90), with the part mask as
+PNG and the 5 landmarks. Generator settings come from the card (``splits.num_identities``,
+``splits.images_per_identity``, ``splits.fractions``) and can be overridden by reader options:
+``num_identities``, ``images_per_identity``, ``size``, ``seed``, ``intensity``, ``jitter``,
+``clutter``, ``split_fractions``.
+"""
+from __future__ import annotations
+
+from fra.data.decode import encode_jpeg, encode_png
+from fra.data.readers.base import Reader, Record, Scan
+
+_SPEC_KEYS = ("num_identities", "images_per_identity", "size", "seed", "intensity", "jitter", "clutter",
+              "split_fractions")
+
+
+class SyntheticFacesReader(Reader):
+    """Renders :class:`~fra.data.synthetic.SyntheticFaces` samples (root is ignored)."""
+
+    def spec(self):
+        from fra.data.synthetic import SPLITS, SyntheticFaces
+
+        splits = self.card.splits if isinstance(self.card.splits, dict) else {}
+        kwargs = {k: splits[k] for k in ("num_identities", "images_per_identity") if k in splits}
+        if "fractions" in splits:
+            kwargs["split_fractions"] = tuple(float(splits["fractions"].get(s, 0.0)) for s in SPLITS)
+        kwargs.update({k: self.options[k] for k in _SPEC_KEYS if self.options.get(k) is not None})
+        for k in ("intensity", "split_fractions"):
+            if k in kwargs:
+                kwargs[k] = tuple(kwargs[k])
+        return SyntheticFaces(**kwargs)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["spec"] = repr(self.spec())
+        return out
+
+    def scan(self, split: str) -> Scan:
+        spec = self.spec()
+        records = [
+            Record(split, f"synthetic/{i:06d}_{k:03d}", spec.label(i, k), str(i), payload=(i, k))
+            for i in spec.identities(split)
+            for k in range(spec.images_per_identity)
+        ]
+        return Scan(records, [], {})
+
+    def load(self, record: Record) -> dict:
+        sample = self.spec().sample(*record.payload)
+        return {
+            "image": encode_jpeg(sample["image"], int(self.options.get("jpeg_quality", 90))),
+            "mask": encode_png(sample["mask"]),
+            "landmarks": tuple(float(v) for v in sample["landmarks"].ravel()),
+        }

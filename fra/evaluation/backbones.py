@@ -1,0 +1,189 @@
+"""Resolve a backbone source string to torchvision-named ResNet weights, with provenance.
+
+Accepted sources (:func:`resolve_backbone`):
+
+* ``random`` / ``random:resnet18`` / empty — random init (seeded, built on the driver so every
+  worker and every rerun starts from the same weights);
+* a file: a fra training checkpoint (``checkpoint.pt``), an exported backbone (``backbone.pt``),
+  an official FRA checkpoint, an FRL released checkpoint, or a torchvision state dict — all
+  through :func:`fra.checkpoint.backbone_state_dict` (``weights_only`` loading);
+* a directory holding ``backbone.pt`` (``export/backbone.pt``) or ``checkpoint.pt`` (a fra run
+  or export directory); ``model_card.json`` beside the weights supplies the normalisation;
+* an MLflow URI: ``models:/name@alias``, ``models:/name/3``, ``models:/m-<id>``, ``runs:/<id>/path``
+  or ``mlflow-artifacts:/...``. A ``backbone.pt`` among the model's files is preferred;
+  otherwise the logged PyTorch model is loaded (``mlflow.pytorch.load_model``: unpickling, so
+  only for registries you trust) and its state dict is read with the same layout detection;
+* an ``nn.Module`` or an already-loaded checkpoint dict (Python API only).
+
+The fingerprint is a hash of the tensors themselves (names, shapes, dtypes, bytes), so the same
+weights get the same fingerprint whatever container they came in.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fra.checkpoint import backbone_state_dict, build_torchvision_resnet, infer_arch, load_backbone_into, safe_load
+from fra.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+DIR_CANDIDATES = ("backbone.pt", "export/backbone.pt", "checkpoint.pt")
+
+
+@dataclass
+class BackboneSource:
+    """Weights plus where they came from.
+
+    Attributes:
+        spec: the source as given.
+        kind: ``random``, ``file``, ``mlflow`` or ``object``.
+        layout: checkpoint layout (``fra-backbone``, ``fra``, ``fra-official``, ``frl``,
+            ``torchvision``, ``random``).
+        arch: torchvision ResNet name.
+        state_dict: torchvision-named backbone tensors (no ``fc``).
+        fingerprint: 16 hex digits of the tensor hash.
+        normalization: ``{"mean": [...], "std": [...]}`` from a model card, if one was found.
+        detail: human-readable load report.
+    """
+
+    spec: str
+    kind: str
+    layout: str
+    arch: str
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    fingerprint: str
+    normalization: dict | None = None
+    detail: str = ""
+
+    def params(self) -> dict[str, str]:
+        """Flat provenance for MLflow params / results.json."""
+        return {"backbone.source": self.spec, "backbone.kind": self.kind, "backbone.layout": self.layout,
+                "backbone.arch": self.arch, "backbone.fingerprint": self.fingerprint}
+
+
+def state_dict_fingerprint(sd: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (sorted names, shapes, dtypes and raw bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def resolve_backbone(source: Any, arch: str = "", seed: int = 0, tracking_uri: str = "") -> BackboneSource:
+    """Turn any supported source into torchvision ResNet weights (see the module docstring).
+
+    Args:
+        source: source string, path, ``nn.Module`` or checkpoint dict; None/"" means random.
+        arch: torchvision ResNet name; empty = from the checkpoint (``resnet50`` for random).
+        seed: seed of the random init.
+        tracking_uri: MLflow tracking URI for ``models:/`` and ``runs:/`` sources.
+
+    Raises:
+        CheckpointError: the source is missing, unreadable, of an unknown layout, or does not
+            fit ``arch``; the message names the source and the problem.
+    """
+    if isinstance(source, nn.Module):
+        return _finish("<module>", "object", source.state_dict(), arch)
+    if isinstance(source, dict):
+        return _finish("<dict>", "object", source, arch)
+    spec = str(source or "random").strip()
+    if spec == "random" or spec.startswith("random:"):
+        name = spec.partition(":")[2] or arch or "resnet50"
+        torch.manual_seed(seed)
+        sd = {k: v for k, v in build_torchvision_resnet(name).state_dict().items() if not k.startswith("fc.")}
+        return BackboneSource(spec, "random", "random", name, sd, state_dict_fingerprint(sd),
+                              detail=f"random init ({name}, seed {seed})")
+    if spec.startswith(MLFLOW_SCHEMES):
+        return _from_mlflow(spec, arch, tracking_uri)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = next((path / c for c in DIR_CANDIDATES if (path / c).is_file()), None)
+        if found is None:
+            raise CheckpointError(f"backbone source {spec}: directory holds none of {list(DIR_CANDIDATES)}")
+        path = found
+    elif not path.exists():
+        raise CheckpointError(
+            f"backbone source {spec!r} not found: expected 'random[:arch]', a checkpoint file or directory, "
+            f"or an MLflow URI ({', '.join(MLFLOW_SCHEMES)}...)")
+    out = _finish(spec, "file", safe_load(path), arch, where=str(path))
+    out.normalization = out.normalization or _card_normalization(path.parent / "model_card.json")
+    return out
+
+
+def _finish(spec: str, kind: str, obj: Any, arch: str, where: str | None = None) -> BackboneSource:
+    """Extract the backbone, pick the architecture, and check that the weights load."""
+    where = where or spec
+    sd, layout, ignored = backbone_state_dict(obj, where)
+    declared = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else ""
+    declared = declared.removesuffix("_encoder") if declared.startswith("resnet") else ""
+    name = arch or declared or infer_arch(sd)
+    report = load_backbone_into(build_torchvision_resnet(name), sd, f"{where} ({layout})", ignored)
+    sd = {k: v.detach().cpu() for k, v in sd.items()}
+    return BackboneSource(spec, kind, layout, name, sd, state_dict_fingerprint(sd), detail=str(report))
+
+
+def _card_normalization(card: Path) -> dict | None:
+    if not card.is_file():
+        return None
+    try:
+        norm = json.loads(card.read_text()).get("normalization")
+    except (OSError, ValueError):
+        return None
+    return norm if isinstance(norm, dict) and {"mean", "std"} <= set(norm) else None
+
+
+def _from_mlflow(uri: str, arch: str, tracking_uri: str) -> BackboneSource:
+    """Load a backbone from an MLflow model or artifact URI."""
+    try:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+    except ImportError as exc:  # pragma: no cover - mlflow is a dependency
+        raise CheckpointError(f"{uri}: MLflow is not installed") from exc
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except (MlflowException, OSError) as exc:
+        raise CheckpointError(f"backbone source {uri}: cannot fetch from MLflow at "
+                              f"{mlflow.get_tracking_uri()}: {str(exc).splitlines()[0]}") from exc
+    files = [local] if local.is_file() else sorted(local.rglob("*"))
+    weights = next((f for f in files if f.name == "backbone.pt"), None)
+    if weights is None and local.is_file():
+        weights = local
+    if weights is not None:
+        out = _finish(uri, "mlflow", safe_load(weights), arch, where=f"{uri} ({weights.name})")
+    else:
+        try:
+            module = mlflow.pytorch.load_model(uri, map_location="cpu")
+        except (MlflowException, OSError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"backbone source {uri}: not a loadable PyTorch model: "
+                                  f"{str(exc).splitlines()[0]}") from exc
+        if not isinstance(module, nn.Module):
+            raise CheckpointError(f"backbone source {uri}: MLflow returned {type(module).__name__}, not a torch module")
+        out = _finish(uri, "mlflow", module.state_dict(), arch)
+    cards = [f for f in files if f.name == "model_card.json"]
+    out.normalization = _card_normalization(cards[0]) if cards else _mlmodel_normalization(local)
+    return out
+
+
+def _mlmodel_normalization(local: Path) -> dict | None:
+    """``normalization`` from the ``metadata`` block of an MLmodel file, if present."""
+    mlmodel = local / "MLmodel" if local.is_dir() else None
+    if mlmodel is None or not mlmodel.is_file():
+        return None
+    import yaml
+
+    meta = (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
+    norm = meta.get("normalization")
+    return norm if isinstance(norm, dict) and {"mean", "std"} <= set(norm) else None

@@ -1,0 +1,291 @@
+"""FER evaluation (FRA_SPEC §9): fine-tune or linear probe on Ray Train, honest metrics.
+
+Python API (stable; the tuning and pipeline layers call it):
+
+* ``FERConfig`` — frozen dataclasses (:mod:`fra.config` machinery): ``protocol``
+  (``finetune`` | ``linear``) and sections ``data``, ``optim``, ``scaling``, ``backbone``,
+  ``tracking``, ``run``. Load with ``load_config(FERConfig, path, overrides)``. Optimiser fields
+  left ``null`` take the reference value of the protocol (:func:`resolve_optim`).
+* ``evaluate_fer(cfg, backbone_source=None, *, run_name=None) -> FERResult`` — runs the job and
+  writes ``<storage_path>/<run>/{results.json, confusion.png, config.yaml, model.pt}``; logs to
+  MLflow when ``tracking.enabled``. ``backbone_source`` overrides ``cfg.backbone.source`` and may
+  be any source of :func:`fra.evaluation.backbones.resolve_backbone` (path, ``models:/name@alias``,
+  ``runs:/...``, ``random:resnet18``, an ``nn.Module``).
+* ``linear_probe_features`` (:mod:`fra.evaluation.probe`) — the cheap in-process proxy.
+
+``scaling.num_workers: 0`` runs the loop in this process (Ray Train local mode), still reading
+the shards through Ray Data; ``>= 1`` starts that many Ray Train workers (DDP; SyncBN and fp16
+AMP only with GPUs). Accuracies are in percent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fra.config import _check_choice, to_dict
+from fra.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_DEFAULTS = {  # main_fer.py: README fine-tune recipe / linear-probe defaults
+    "finetune": {"optimizer": "adamw", "lr": 2e-4, "lr_head": 2e-4, "weight_decay": 0.05},
+    "linear": {"optimizer": "sgd", "lr": 30.0, "lr_head": None, "weight_decay": 0.0},
+}
+NORMALIZATIONS = {"vggface2": ((0.5231, 0.4044, 0.3489), (0.2536, 0.2194, 0.2070)),
+                  "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+@dataclass(frozen=True)
+class FERData:
+    shards: str = ""  # shard root (manifest.json + Parquet), local or s3://
+    train_split: str = "train"
+    test_split: str = ""  # "" = the dataset card's evaluation split
+    val_split: str = ""  # an existing split used for model selection (e.g. FER2013 PublicTest)
+    val_fraction: float = 0.0  # or: carve this fraction of train (by path hash) for model selection
+    image_size: int = 224
+    normalization: str = "vggface2"  # vggface2 (reference --data_norm) | imagenet | dataset | backbone
+    num_cpus: float = 1.0  # per Ray Data decode/augment task
+    cache_eval_mb: int = 512  # materialise test/val once when their decoded size fits (0 = never)
+    augment: dict = field(default_factory=dict)  # FERTransform overrides, e.g. {erase_p: 0.0}; {} = reference
+
+    def __post_init__(self) -> None:
+        _check_choice("data.normalization", self.normalization, ("vggface2", "imagenet", "dataset", "backbone"))
+        if self.image_size < 16:
+            raise ConfigError(f"data.image_size must be >= 16, got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class FEROptim:
+    optimizer: str | None = None  # adamw | sgd; null = protocol default
+    lr: float | None = None  # trunk lr (fine-tune) or head lr (linear); null = protocol default
+    lr_head: float | None = None  # null = protocol default (linear: = lr)
+    weight_decay: float | None = None
+    momentum: float = 0.9  # SGD only
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-6
+    batch_size: int = 256  # global
+    balanced_sampling: bool | None = None  # class-balanced, with replacement; null = the card's option (AffectNet)
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer is not None:
+            _check_choice("optim.optimizer", self.optimizer, ("adamw", "sgd"))
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("optim.epochs and optim.batch_size must be >= 1")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"optim.warmup_epochs must be in [0, {self.epochs}], got {self.warmup_epochs}")
+
+
+@dataclass(frozen=True)
+class FERScaling:
+    num_workers: int = 1  # 0 = in this process (Ray Train local mode)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    amp: str = "auto"  # auto (fp16 on GPU, off on CPU) | off | fp16 | bf16
+    sync_bn: bool = True  # fine-tune with > 1 GPU worker (the reference's SyncBN)
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("scaling.amp", self.amp, ("auto", "off", "fp16", "bf16"))
+        if self.num_workers < 0:
+            raise ConfigError(f"scaling.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class FERBackbone:
+    source: str = "random"  # see fra.evaluation.backbones
+    arch: str = ""  # torchvision ResNet name; "" = from the checkpoint (resnet50 for random)
+
+
+@dataclass(frozen=True)
+class FERTracking:
+    enabled: bool = True
+    mlflow_uri: str = ""  # "" = sqlite under run.storage_path
+    experiment: str = "fra-fer"
+
+
+@dataclass(frozen=True)
+class FERRun:
+    name: str = "fer"
+    storage_path: str = "runs"
+    seed: int = 0
+    eval_every: int = 1  # epochs (reference README: 5)
+    last_k: int = 5  # the headline mean covers this many last evaluations
+    checkpoint_every: int = 0  # epochs; Ray checkpoints for worker-failure retries
+    save_model: bool = True
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 1 or self.last_k < 1:
+            raise ConfigError("run.eval_every and run.last_k must be >= 1")
+
+
+@dataclass(frozen=True)
+class FERConfig:
+    """Everything ``fra evaluate fer`` needs (see the module docstring)."""
+
+    protocol: str = "finetune"  # finetune | linear
+    data: FERData = field(default_factory=FERData)
+    optim: FEROptim = field(default_factory=FEROptim)
+    scaling: FERScaling = field(default_factory=FERScaling)
+    backbone: FERBackbone = field(default_factory=FERBackbone)
+    tracking: FERTracking = field(default_factory=FERTracking)
+    run: FERRun = field(default_factory=FERRun)
+
+    def __post_init__(self) -> None:
+        _check_choice("protocol", self.protocol, ("finetune", "linear"))
+
+
+@dataclass
+class FERResult:
+    """What one evaluation produced (accuracies in %)."""
+
+    top1_last: float
+    top1_mean_last5: float  # mean over the last ``run.last_k`` evaluations (headline)
+    top1_best: float  # best epoch, selected on the test set (reference; optimistic)
+    best_epoch: int
+    mean_class_acc: float
+    per_class_acc: dict[str, float | None]
+    macro_f1: float
+    confusion: list[list[int]]
+    classes: list[str]
+    results_path: Path
+    run_dir: Path
+    model_path: Path | None = None
+    top1_at_val_best: float | None = None  # test top-1 at the epoch chosen on validation
+    val_best_epoch: int | None = None
+    backbone: dict = field(default_factory=dict)
+    backbone_unchanged: bool | None = None
+    mlflow_run_id: str | None = None
+    seconds: float = 0.0
+    summary: dict = field(default_factory=dict, repr=False)
+    history: list[dict] = field(default_factory=list, repr=False)
+
+
+def resolve_optim(cfg: FERConfig) -> dict[str, Any]:
+    """The optimiser values actually used: explicit config values over the protocol's defaults."""
+    out = dict(PROTOCOL_DEFAULTS[cfg.protocol])
+    for key in ("optimizer", "lr", "lr_head", "weight_decay"):
+        if getattr(cfg.optim, key) is not None:
+            out[key] = getattr(cfg.optim, key)
+    if out["lr_head"] is None:
+        out["lr_head"] = out["lr"]
+    return out
+
+
+def resolve_amp(scaling: FERScaling) -> str:
+    return ("fp16" if scaling.use_gpu else "off") if scaling.amp == "auto" else scaling.amp
+
+
+def resolve_normalization(cfg: FERConfig, manifest, backbone) -> tuple[tuple, tuple]:
+    """(mean, std) for ``data.normalization``; ``backbone`` falls back to VGGFace2 stats."""
+    choice = cfg.data.normalization
+    norm = {"dataset": manifest.normalization, "backbone": backbone.normalization}.get(choice)
+    if choice in NORMALIZATIONS or not norm:
+        if choice == "dataset":
+            raise ConfigError(f"data.normalization=dataset but {manifest.uri} has no normalisation")
+        return NORMALIZATIONS.get(choice, NORMALIZATIONS["vggface2"])
+    return tuple(norm["mean"]), tuple(norm["std"])
+
+
+def iters_per_epoch(n_train: int, batch_size: int, workers: int) -> int:
+    """Batches per epoch on each worker: rows are split equally (remainder dropped), the last
+    batch may be partial."""
+    per_worker_rows = n_train // max(workers, 1)
+    return max(1, -(-per_worker_rows // max(1, batch_size // max(workers, 1))))
+
+
+def evaluate_fer(cfg: FERConfig, backbone_source: Any = None, *, run_name: str | None = None) -> FERResult:
+    """Fine-tune or linear-probe a backbone on FER shards and write the results (module docstring)."""
+    from fra.evaluation.backbones import resolve_backbone
+    from fra.evaluation.data import fer_datasets
+    from fra.evaluation.report import write_outputs
+    from fra.data.manifest import read_manifest
+    from fra.evaluation.worker import LoopSpec
+
+    t0 = time.perf_counter()
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is empty: point it at a shard root written by `fra shards`")
+    manifest = read_manifest(cfg.data.shards)
+    if not manifest.classes:
+        raise ConfigError(f"{manifest.uri}: dataset {manifest.dataset!r} has no classes; not a FER dataset")
+    source = cfg.backbone.source if backbone_source is None else backbone_source
+    backbone = resolve_backbone(source, cfg.backbone.arch, cfg.run.seed, cfg.tracking.mlflow_uri)
+    card = _card(manifest)
+    test_split = cfg.data.test_split or (card.evaluation_split if card else "test")
+    if test_split not in manifest.counts:
+        raise ConfigError(f"{manifest.uri} has no split {test_split!r} (splits: {list(manifest.counts)})")
+    balanced = cfg.optim.balanced_sampling
+    balanced = bool(card and card.options.get("balanced_sampling", False)) if balanced is None else balanced
+    workers = cfg.scaling.num_workers
+    datasets, sizes = fer_datasets(manifest, image_size=cfg.data.image_size, train_split=cfg.data.train_split,
+                                   test_split=test_split, val_split=cfg.data.val_split,
+                                   val_fraction=cfg.data.val_fraction, balanced=balanced,
+                                   seed=cfg.run.seed, num_cpus=cfg.data.num_cpus,
+                                   cache_eval_mb=cfg.data.cache_eval_mb, augment=cfg.data.augment)
+    opt = resolve_optim(cfg)
+    mean, std = resolve_normalization(cfg, manifest, backbone)
+    spec = LoopSpec(protocol=cfg.protocol, arch=backbone.arch, num_classes=len(manifest.classes), **opt,
+                    momentum=cfg.optim.momentum, epochs=cfg.optim.epochs, warmup_epochs=cfg.optim.warmup_epochs,
+                    min_lr=cfg.optim.min_lr, batch_size=cfg.optim.batch_size,
+                    iters_per_epoch=iters_per_epoch(sizes["train"], cfg.optim.batch_size, max(workers, 1)),
+                    label_smoothing=cfg.optim.label_smoothing, amp=resolve_amp(cfg.scaling),
+                    sync_bn=cfg.scaling.sync_bn and cfg.scaling.use_gpu, eval_every=cfg.run.eval_every,
+                    seed=cfg.run.seed, mean=tuple(mean), std=tuple(std),
+                    checkpoint_every=cfg.run.checkpoint_every, has_val="val" in datasets)
+    run_id = run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    storage = Path(cfg.run.storage_path).expanduser().resolve()
+    log.info("FER %s: %s on %s (%s, %d classes), %d train / %d test rows, %d worker(s)", cfg.protocol,
+             backbone.spec, manifest.dataset, test_split, spec.num_classes, sizes["train"], sizes["test"], workers)
+    out = _fit(cfg, spec, backbone.state_dict, datasets, run_id, storage)
+    context = {"config": to_dict(cfg), "resolved": {"optim": opt, "test_split": test_split, "amp": spec.amp, "balanced_sampling": balanced,
+                                                    "normalization": {"mean": list(mean), "std": list(std)},
+                                                    "iters_per_epoch": spec.iters_per_epoch},
+               "backbone": {**backbone.params(), "detail": backbone.detail},
+               "dataset": {"name": manifest.dataset, "uri": manifest.uri, "fingerprint": manifest.fingerprint,
+                           "classes": list(manifest.classes), "rows": sizes}}
+    return write_outputs(cfg, out, context, storage / run_id, list(manifest.classes), time.perf_counter() - t0)
+
+
+def _card(manifest):
+    """The manifest's dataset card, or None when it is not installed."""
+    from fra.data.cards import load_card
+
+    try:
+        return load_card(manifest.dataset)
+    except ConfigError:
+        return None
+
+
+def _fit(cfg: FERConfig, spec, backbone_sd: dict, datasets: dict, run_id: str, storage: Path) -> dict:
+    """Run the Ray Train job; returns rank 0's loop output."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fra.evaluation.data import eval_data_config
+    from fra.evaluation.worker import fer_train_loop
+
+    workers = cfg.scaling.num_workers
+    backbone = ray.put(backbone_sd) if workers > 0 else backbone_sd
+    scaling = ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu and workers > 0,
+                            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} if workers else None)
+    trainer = TorchTrainer(
+        fer_train_loop, train_loop_config={"spec": dataclasses.asdict(spec), "backbone": backbone},
+        torch_config=TorchConfig(backend=None if cfg.scaling.use_gpu else "gloo"), scaling_config=scaling,
+        run_config=RunConfig(name=run_id, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+        datasets=datasets, dataset_config=eval_data_config())
+    result = trainer.fit()
+    if not isinstance(result.return_value, dict) or "history" not in result.return_value:
+        raise RuntimeError(f"FER run {run_id} returned no history (result: {result})")
+    return result.return_value
+
+
+__all__ = ["FERConfig", "FERData", "FEROptim", "FERScaling", "FERBackbone", "FERTracking", "FERRun", "FERResult",
+           "evaluate_fer", "resolve_optim", "resolve_normalization", "iters_per_epoch"]

@@ -1,0 +1,114 @@
+"""Turn a finished FER run into files and an MLflow run: results.json, confusion.png, model.pt.
+
+``results.json`` holds the headline (last-epoch top-1 and the mean of the last k evaluations),
+the reference-style best epoch (labelled as selected on the test set), the validation-selected
+number when a validation split exists, per-class accuracy / F1, the confusion matrix, the
+per-epoch curve, and the provenance: backbone source + fingerprint, dataset manifest
+fingerprint, resolved config.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from fra.config import dump_yaml, flatten
+from fra.evaluation.metrics import plot_confusion, summarise
+from fra.utils.io import atomic_torch_save, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def write_outputs(cfg, out: dict, context: dict, run_dir: Path, classes: list[str], seconds: float):
+    """Write the run's files, log them to MLflow, and build the :class:`FERResult`."""
+    from fra.evaluation.fer import FERResult
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    k = cfg.run.last_k
+    summary = summarise(out["history"], classes, last_k=k)
+    last = summary["last"]
+    images = sum(h.get("images", 0) for h in out["history"])
+    results = {
+        "protocol": cfg.protocol,
+        "headline": {"top1_last": summary["top1_last"], f"top1_mean_last{k}": summary[f"top1_mean_last{k}"],
+                     "mean_class_acc": last["mean_class_acc"], "macro_f1": last["macro_f1"]},
+        "best_epoch_selected_on_test": {"top1_best": summary["top1_best"], "best_epoch": summary["best_epoch"],
+                                        "note": "reference protocol (max over epochs of test top-1); optimistic"},
+        "summary": summary,
+        "history": [{k2: v for k2, v in h.items() if not k2.endswith("_confusion")} for h in out["history"]],
+        "backbone_unchanged": out.get("backbone_unchanged"),
+        "trunk_fingerprint": out.get("trunk_fingerprint"),
+        "seconds": seconds,
+        "train_images_per_s_total": images / max(seconds, 1e-9),
+        **context,
+    }
+    results_path = atomic_write_json(run_dir / "results.json", results)
+    png = plot_confusion(last["confusion"], classes, run_dir / "confusion.png",
+                         title=f"{cfg.protocol} · last epoch {summary['last_epoch']} · top-1 {last['top1']:.2f}%")
+    dump_yaml(cfg, run_dir / "config.yaml")
+    model_path = None
+    if cfg.run.save_model and out.get("state_dict") is not None:
+        import numpy as np
+        import torch
+
+        sd = {k: torch.from_numpy(np.array(v)) for k, v in out["state_dict"].items()}
+        model_path = atomic_torch_save({"format": "fra-fer-classifier/1", "arch": context["backbone"]["backbone.arch"],
+                                        "classes": classes, "state_dict": sd}, run_dir / "model.pt")
+    mlflow_id = _log_mlflow(cfg, summary, results, [results_path, png, run_dir / "config.yaml"], run_dir)
+    log.info("FER %s: top-1 last %.2f%%, mean of last %d %.2f%%, best (on test) %.2f%% @%d; results in %s",
+             cfg.protocol, summary["top1_last"], summary["last_k"], summary[f"top1_mean_last{k}"],
+             summary["top1_best"], summary["best_epoch"], results_path)
+    return FERResult(
+        top1_last=summary["top1_last"], top1_mean_last5=summary[f"top1_mean_last{k}"],
+        top1_best=summary["top1_best"], best_epoch=summary["best_epoch"], mean_class_acc=last["mean_class_acc"],
+        per_class_acc=last["per_class_acc"], macro_f1=last["macro_f1"], confusion=last["confusion"],
+        classes=list(classes), results_path=results_path, run_dir=run_dir, model_path=model_path,
+        top1_at_val_best=summary.get("top1_at_val_best"), val_best_epoch=summary.get("val_best_epoch"),
+        backbone=context["backbone"], backbone_unchanged=out.get("backbone_unchanged"), mlflow_run_id=mlflow_id,
+        seconds=seconds, summary=summary, history=out["history"])
+
+
+def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_dir: Path) -> str | None:
+    """Params (config, backbone source + fingerprint, dataset manifest), per-epoch and final
+    metrics, and the artifacts. Tracking failures are logged, never raised."""
+    if not cfg.tracking.enabled:
+        return None
+    try:
+        from mlflow.entities import Metric
+
+        from fra import tracking
+
+        uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.run.storage_path)
+        params = {**flatten(results["config"]), **{k: v for k, v in results["backbone"].items() if k != "detail"},
+                  "dataset.name": results["dataset"]["name"], "dataset.uri": results["dataset"]["uri"],
+                  "dataset.fingerprint": results["dataset"]["fingerprint"],
+                  "dataset.classes": ",".join(results["dataset"]["classes"]),
+                  **{f"resolved.{k}": v for k, v in flatten(results["resolved"]).items()}}
+        run_id, _ = tracking.start_run(uri, cfg.tracking.experiment, f"fer:{run_dir}", run_dir.name, params,
+                                       tags={"fra.protocol": cfg.protocol, "fra.kind": "fer-eval"})
+        client = tracking._client(uri)
+        now = int(time.time() * 1000)
+        metrics = []
+        for h in results["history"]:
+            for key in ("train_loss", "lr"):
+                metrics.append(Metric(key, float(h[key]), now, int(h["epoch"])))
+        for point in summary["top1_curve"]:
+            metrics.append(Metric("test_top1", float(point["top1"]), now, int(point["epoch"])))
+        final = {**results["headline"], "top1_best_on_test": summary["top1_best"],
+                 "best_epoch_on_test": summary["best_epoch"]}
+        if "top1_at_val_best" in summary:
+            final.update(top1_at_val_best=summary["top1_at_val_best"], val_best_epoch=summary["val_best_epoch"])
+        for name, acc in summary["last"]["per_class_acc"].items():
+            if acc is not None:
+                final[f"class_acc.{name}"] = acc
+        metrics += [Metric(k, float(v), now, summary["last_epoch"]) for k, v in final.items() if v is not None]
+        for i in range(0, len(metrics), 1000):
+            chunk = metrics[i:i + 1000]
+            tracking.with_retries(lambda: client.log_batch(run_id, metrics=chunk), "log metrics")
+        for path in artifacts:
+            tracking.log_artifacts(uri, run_id, path)
+        tracking.end_run(uri, run_id)
+        return run_id
+    except Exception as exc:  # noqa: BLE001 - a tracking outage must not lose the results on disk
+        log.warning("MLflow logging of the FER results failed (results are in %s): %s", run_dir, exc)
+        return None

@@ -1,0 +1,269 @@
+"""The FER fine-tune / linear-probe loop (FRA_SPEC §9): pure-torch steps plus the Ray Train wiring.
+
+:func:`fit` runs the whole schedule over any iterables of ``{"image": uint8 (B, 3, S, S),
+"label": int64 (B,)}`` batches and imports no Ray, so tests and benchmarks drive it directly.
+:func:`fer_train_loop` is the Ray Train ``train_loop_per_worker``: it only wires config →
+model → ``prepare_model`` → dataset shards → :func:`fit` → ``report``.
+
+Evaluation produces a confusion matrix per worker; the matrices are summed over workers, so a
+sharded test set gives exactly the single-process numbers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from fra import dist
+from fra.checkpoint import build_torchvision_resnet, load_backbone_into
+from fra.engine import Normalizer, autocast_context
+from fra.evaluation.backbones import state_dict_fingerprint
+from fra.optim.schedules import warmup_cosine_lr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Everything a worker needs, as resolved plain values (see ``fer.loop_spec``)."""
+
+    protocol: str  # finetune | linear
+    arch: str
+    num_classes: int
+    optimizer: str  # adamw | sgd
+    lr: float  # trunk (fine-tune) or head (linear) base lr
+    lr_head: float
+    weight_decay: float
+    momentum: float
+    epochs: int
+    warmup_epochs: float
+    min_lr: float
+    batch_size: int  # global
+    iters_per_epoch: int
+    label_smoothing: float = 0.0
+    amp: str = "off"
+    sync_bn: bool = False
+    eval_every: int = 1
+    seed: int = 0
+    mean: tuple[float, float, float] = (0.5231, 0.4044, 0.3489)
+    std: tuple[float, float, float] = (0.2536, 0.2194, 0.2070)
+    checkpoint_every: int = 0
+    has_val: bool = False
+
+
+def build_classifier(arch: str, num_classes: int, backbone_sd: dict[str, torch.Tensor] | None) -> nn.Module:
+    """torchvision ResNet with the given trunk weights and a fresh head, N(0, 0.01) / 0 (main_fer)."""
+    model = build_torchvision_resnet(arch, num_classes)
+    if backbone_sd is not None:
+        load_backbone_into(model, backbone_sd, f"{arch} backbone")
+    nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(model.fc.bias)
+    return model
+
+
+def trunk_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All backbone tensors (parameters and BN buffers), i.e. the state dict minus ``fc``."""
+    return {k: v for k, v in dist.unwrap_model(model).state_dict().items() if not k.startswith("fc.")}
+
+
+def make_optimizer(model: nn.Module, spec: LoopSpec) -> torch.optim.Optimizer:
+    """Fine-tune: trunk and head groups, weight decay on every tensor (BN and biases too, like the
+    reference). Linear: the trunk is frozen and only ``fc`` is optimised."""
+    head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
+    trunk = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    if spec.protocol == "linear":
+        for p in trunk:
+            p.requires_grad_(False)
+        groups = [{"params": head, "base_lr": spec.lr_head}]
+    else:
+        groups = [{"params": trunk, "base_lr": spec.lr}, {"params": head, "base_lr": spec.lr_head}]
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, spec: LoopSpec) -> float:
+    """Per-iteration warm-up + cosine for every group from its own base lr; returns the trunk lr."""
+    step = min(step, spec.epochs * spec.iters_per_epoch)  # never past the end of the cosine
+    for group in optimizer.param_groups:
+        group["lr"] = warmup_cosine_lr(step, spec.iters_per_epoch, group["base_lr"], spec.epochs,
+                                       spec.warmup_epochs, spec.min_lr)
+    return optimizer.param_groups[0]["lr"]
+
+
+def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer, spec: LoopSpec, normalizer: Normalizer,
+                step: int, scaler=None) -> tuple[dict, int]:
+    """One epoch; returns (mean loss / steps / images, the next global step)."""
+    model.train(spec.protocol == "finetune")  # linear probe: BN statistics stay frozen
+    criterion = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+    loss_sum, steps, images, t0 = torch.zeros(()), 0, 0, time.perf_counter()
+    for batch in batches:
+        x = normalizer(batch["image"])
+        y = batch["label"].to(x.device, torch.int64)
+        if spec.protocol == "finetune" and x.shape[0] < 2:
+            continue  # train-mode BN cannot take one sample; equal shards make every rank skip it
+        set_lr(optimizer, step, spec)
+        with autocast_context(x.device.type, spec.amp):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_sum += loss.detach().float().cpu()
+        steps, images, step = steps + 1, images + x.shape[0], step + 1
+    elapsed = time.perf_counter() - t0
+    return {"train_loss": float(loss_sum) / max(steps, 1), "steps": steps, "images": images,
+            "train_images_per_s": images / max(elapsed, 1e-9)}, step
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict], num_classes: int, normalizer: Normalizer,
+             amp: str = "off") -> torch.Tensor:
+    """Confusion matrix (C, C) int64 of this process's batches (rows true, columns predicted)."""
+    model = dist.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    for batch in batches:
+        x = normalizer(batch["image"])
+        with autocast_context(x.device.type, amp):
+            pred = model(x).argmax(dim=1).cpu()
+        conf += torch.bincount(batch["label"].to(torch.int64) * num_classes + pred, minlength=num_classes ** 2)
+    model.train(was_training)
+    return conf.view(num_classes, num_classes)
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_distributed():
+        tdist.all_reduce(t)
+    return t
+
+
+def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterable[dict]],
+        test_batches: Callable[[int], Iterable[dict]], val_batches: Callable[[int], Iterable[dict]] | None = None,
+        device: torch.device | str = "cpu", start_epoch: int = 0, history: list | None = None,
+        optimizer=None, on_epoch: Callable[[dict, int, list], None] | None = None) -> dict:
+    """Run the schedule; ``*_batches(epoch)`` return this worker's batches for that epoch.
+
+    Returns:
+        ``{"history": [...], "backbone_unchanged": bool | None, "trunk_fingerprint": {...}}``.
+        Each history entry holds epoch, train_loss, lr and, on evaluated epochs,
+        ``test_confusion`` (and ``val_confusion``) summed over all workers.
+    """
+    normalizer = Normalizer(spec.mean, spec.std, device=device)
+    optimizer = optimizer or make_optimizer(model, spec)
+    scaler = torch.amp.GradScaler("cuda") if spec.amp == "fp16" else None
+    history = list(history or [])
+    before = state_dict_fingerprint(trunk_state(model))
+    step = start_epoch * spec.iters_per_epoch
+    for epoch in range(start_epoch, spec.epochs):
+        stats, step = train_epoch(model, train_batches(epoch), optimizer, spec, normalizer, step, scaler)
+        totals = _all_sum(torch.tensor([stats["train_loss"] * stats["steps"], stats["steps"], stats["images"]],
+                                       dtype=torch.float64))
+        entry = {"epoch": epoch + 1, "train_loss": float(totals[0] / max(totals[1], 1)), "images": int(totals[2]),
+                 "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": stats["train_images_per_s"]}
+        if (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs:
+            t0 = time.perf_counter()
+            entry["test_confusion"] = _all_sum(evaluate(model, test_batches(epoch), spec.num_classes,
+                                                        normalizer, spec.amp)).tolist()
+            if val_batches is not None:
+                entry["val_confusion"] = _all_sum(evaluate(model, val_batches(epoch), spec.num_classes,
+                                                           normalizer, spec.amp)).tolist()
+            entry["eval_seconds"] = time.perf_counter() - t0
+        if not math.isfinite(entry["train_loss"]):
+            raise FloatingPointError(f"FER training diverged: loss {entry['train_loss']} at epoch {epoch + 1}")
+        history.append(entry)
+        if on_epoch is not None:
+            on_epoch(entry, epoch, history)
+    after = state_dict_fingerprint(trunk_state(model))
+    unchanged = before == after
+    if spec.protocol == "linear" and not unchanged:
+        # The reference's sanity_check: a linear probe must not touch the backbone (incl. BN stats).
+        raise RuntimeError("linear probe changed the backbone (parameters or BN statistics)")
+    return {"history": history, "backbone_unchanged": unchanged,
+            "trunk_fingerprint": {"before": before, "after": after}}
+
+
+def save_state(model: nn.Module, optimizer, epoch: int, history: list, rank: int):
+    """A Ray checkpoint of the loop (rank 0 writes, the others return None)."""
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    if rank != 0:
+        return None
+    tmp = tempfile.mkdtemp(prefix="fer_ckpt_")
+    torch.save({"model": dist.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "history": history}, f"{tmp}/state.pt")
+    return Checkpoint.from_directory(tmp)
+
+
+def resume_state(checkpoint, model: nn.Module, optimizer) -> tuple[int, list]:
+    """Restore model/optimizer from a Ray checkpoint; returns (start epoch, history)."""
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        state = torch.load(f"{d}/state.pt", map_location="cpu", weights_only=True)
+    dist.unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resuming FER run at epoch %d", state["epoch"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def fer_train_loop(config: dict) -> dict:
+    """Ray Train per-worker function; returns (on rank 0) history + the final classifier weights."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from fra.data.stream import iter_batches
+
+    spec = LoopSpec(**config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(spec.seed)  # identical head init everywhere (DDP also broadcasts rank 0's)
+    backbone = config["backbone"]
+    backbone = ray.get(backbone) if isinstance(backbone, ray.ObjectRef) else backbone
+    model = build_classifier(spec.arch, spec.num_classes, backbone)
+    if spec.sync_bn and spec.protocol == "finetune" and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before DDP; GPU only (RAY_NOTES §3)
+    optimizer = make_optimizer(model, spec)
+    model = ray.train.torch.prepare_model(model)
+    start_epoch, history = resume_state(ray.train.get_checkpoint(), model, optimizer)
+    per_worker = max(1, spec.batch_size // world)
+    names = ["train", "test"] + (["val"] if spec.has_val else [])
+    shard = {n: ray.train.get_dataset_shard(n) for n in names}
+
+    def batches(name: str):
+        buffer = 256 if name == "train" else 0  # evaluation order does not matter: no shuffle buffer
+        return lambda epoch: iter_batches(shard[name], per_worker, epoch=epoch, seed=spec.seed, drop_last=False,
+                                          local_shuffle_buffer=buffer)
+
+    def on_epoch(entry: dict, epoch: int, hist: list) -> None:
+        metrics = {k: v for k, v in entry.items() if not k.endswith("_confusion")}
+        for split in ("test", "val"):
+            if f"{split}_confusion" in entry:
+                conf = torch.tensor(entry[f"{split}_confusion"])
+                metrics[f"{split}_top1"] = float(100.0 * conf.trace() / max(int(conf.sum()), 1))
+        ckpt = None
+        if spec.checkpoint_every and (epoch + 1) % spec.checkpoint_every == 0:
+            ckpt = save_state(model, optimizer, epoch + 1, hist, rank)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    result = fit(model, spec, batches("train"), batches("test"), batches("val") if spec.has_val else None,
+                 device=ray.train.torch.get_device(), start_epoch=start_epoch, history=history,
+                 optimizer=optimizer, on_epoch=on_epoch)
+    if rank == 0:
+        # Ray refuses torch tensors in a return value: ship numpy, the driver converts back.
+        result["state_dict"] = {k: v.detach().cpu().numpy() for k, v in dist.unwrap_model(model).state_dict().items()}
+    return result

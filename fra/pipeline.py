@@ -1,0 +1,226 @@
+"""Declarative pipelines: shards → pretrain → (sweep) → FER evaluation → register → promote.
+
+``fra run pipelines/<name>.yaml`` runs the stages listed in the file. Each finished stage is
+recorded in ``<storage_path>/pipeline_state.json`` with a hash of its configuration and its
+outputs, so a re-run skips completed stages, an interrupted run resumes at the stage that
+did not finish (and inside it: Ray Train resumes from the last checkpoint), and changing a
+stage's configuration re-runs it and everything after it.
+
+Strings may use ``${storage}`` (the pipeline's absolute storage path) and ``${name}``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fra.config import PretrainConfig, apply_overrides, from_dict, load_yaml, to_dict
+from fra.errors import ConfigError
+from fra.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+STAGES = ("shards", "pretrain", "sweep", "evaluate", "register", "promote")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One ``fra shards`` conversion."""
+
+    source: str
+    out: str
+    root: str = ""
+    split: str | None = None
+    images_per_shard: int = 5000
+    row_group_size: int = 1000
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegisterStage:
+    name: str = "fra-backbone"
+
+
+@dataclass(frozen=True)
+class PromoteStage:
+    gate_metric: str = "fer_top1_mean_last5"
+    margin: float = 0.0
+    mode: str = "max"
+
+
+@dataclass(frozen=True)
+class RayRuntime:
+    address: str = ""  # "" = start a local Ray; "auto" = join the cluster this runs on
+    num_cpus: int = 0  # logical CPUs of a local Ray (0 = max(4, cores): the data path needs spare CPUs)
+    dashboard: bool = False
+
+
+@dataclass(frozen=True)
+class PipelineTracking:
+    mlflow_uri: str = ""  # "" = sqlite:///<storage>/mlflow.db
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A pipeline file. ``pretrain``/``sweep``/``evaluate`` hold the stage configs as written."""
+
+    name: str = "pipeline"
+    storage_path: str = "runs/pipeline"
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "evaluate", "register", "promote"])
+    ray: RayRuntime = field(default_factory=RayRuntime)
+    tracking: PipelineTracking = field(default_factory=PipelineTracking)
+    shards: list[ShardJob] = field(default_factory=list)
+    pretrain: dict = field(default_factory=dict)
+    sweep: dict = field(default_factory=dict)
+    evaluate: dict = field(default_factory=dict)
+    register: RegisterStage = field(default_factory=RegisterStage)
+    promote: PromoteStage = field(default_factory=PromoteStage)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"unknown pipeline stage(s) {unknown}; valid stages in order: {list(STAGES)}")
+        order = [STAGES.index(s) for s in self.stages]
+        if order != sorted(order) or len(set(order)) != len(order):
+            raise ConfigError(f"stages must be unique and in the order {list(STAGES)}, got {self.stages}")
+        if "promote" in self.stages and "register" not in self.stages:
+            raise ConfigError("the promote stage needs the register stage")
+
+
+def _substitute(obj: Any, values: dict[str, str]) -> Any:
+    if isinstance(obj, str):
+        for k, v in values.items():
+            obj = obj.replace("${" + k + "}", v)
+        return obj
+    if isinstance(obj, list):
+        return [_substitute(v, values) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _substitute(v, values) for k, v in obj.items()}
+    return obj
+
+
+def load_pipeline(path: str | Path, overrides=()) -> PipelineConfig:
+    """Read, override, substitute and validate a pipeline file (every stage config included)."""
+    raw = apply_overrides(load_yaml(path), list(overrides))
+    name = str(raw.get("name", Path(path).stem))
+    if "://" in str(raw.get("storage_path", "")):
+        raise ConfigError("pipeline storage_path must be a filesystem path (local or a shared mount): it holds "
+                          "pipeline_state.json; stage outputs (pretrain.run.storage_path, shards out) may be s3:// URIs")
+    storage = str(Path(raw.get("storage_path", f"runs/{name}")).expanduser().resolve())
+    raw = _substitute(raw, {"storage": storage, "name": name})
+    raw["storage_path"], raw["name"] = storage, name
+    cfg = from_dict(PipelineConfig, raw)
+    # Validate every stage's config before anything runs.
+    for stage in cfg.stages:
+        stage_config(cfg, stage)
+    return cfg
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    return cfg.tracking.mlflow_uri or f"sqlite:///{Path(cfg.storage_path) / 'mlflow.db'}"
+
+
+def _with_defaults(section: dict, defaults: dict) -> dict:
+    """Fill nested keys the user left out (user values win)."""
+    out = dict(defaults)
+    for k, v in section.items():
+        out[k] = _with_defaults(v, out[k]) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def stage_config(cfg: PipelineConfig, stage: str):
+    """The typed config of one stage, with pipeline-wide storage and tracking filled in."""
+    uri, storage = tracking_uri(cfg), cfg.storage_path
+    if stage == "pretrain":
+        data = _with_defaults(cfg.pretrain, {"run": {"name": f"{cfg.name}-pretrain", "storage_path": f"{storage}/pretrain"},
+                                             "tracking": {"mlflow_uri": uri}})
+        return from_dict(PretrainConfig, data)
+    if stage == "evaluate":
+        from fra.evaluation.fer import FERConfig
+
+        data = _with_defaults(cfg.evaluate, {"run": {"name": f"{cfg.name}-fer", "storage_path": f"{storage}/fer"},
+                                             "tracking": {"mlflow_uri": uri}})
+        return from_dict(FERConfig, data)
+    if stage == "sweep":
+        from fra.tuning import SweepConfig
+        from fra.tuning.config import sweep_section
+
+        # The sweep trains the pipeline's pretrain config and scores with its evaluate config
+        # unless the sweep section carries its own copies.
+        section = sweep_section(cfg.sweep, cfg.pretrain or None, cfg.evaluate or None)
+        data = _with_defaults(section, {"run": {"name": f"{cfg.name}-sweep", "storage_path": f"{storage}/sweep"},
+                                          "tracking": {"mlflow_uri": uri}})
+        return from_dict(SweepConfig, data)
+    return {"shards": cfg.shards, "register": cfg.register, "promote": cfg.promote}[stage]
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class PipelineState:
+    """``pipeline_state.json``: per stage its status, config hash and outputs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+    def done(self, stage: str, digest: str) -> dict | None:
+        entry = self.data["stages"].get(stage)
+        if entry and entry.get("status") == "done" and entry.get("config_hash") == digest:
+            return entry["outputs"]
+        return None
+
+    def record(self, stage: str, digest: str, outputs: dict, seconds: float) -> None:
+        self.data["stages"][stage] = {"status": "done", "config_hash": digest, "outputs": outputs,
+                                      "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(self.path, self.data)
+
+    def invalidate_from(self, stage: str) -> None:
+        for s in STAGES[STAGES.index(stage):]:
+            self.data["stages"].pop(s, None)
+        atomic_write_json(self.path, self.data)
+
+
+def _ensure_ray(cfg: PipelineConfig) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(8 << 20))
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=cfg.ray.dashboard)
+
+
+def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) every stage; returns the outputs per stage."""
+    from fra.pipeline_stages import STAGE_RUNNERS
+
+    storage = Path(cfg.storage_path)
+    storage.mkdir(parents=True, exist_ok=True)
+    state = PipelineState(storage / "pipeline_state.json")
+    _ensure_ray(cfg)
+    outputs: dict[str, dict] = {}
+    for stage in cfg.stages:
+        stage_cfg = stage_config(cfg, stage)
+        # A stage's identity includes what it consumed from earlier stages.
+        digest = config_hash({"config": stage_cfg, "inputs": outputs})
+        previous = state.done(stage, digest)
+        if previous is not None:
+            echo(f"[{stage}] already done, skipping (outputs in {storage})")
+            outputs[stage] = previous
+            continue
+        state.invalidate_from(stage)
+        echo(f"[{stage}] running ...")
+        t0 = time.perf_counter()
+        outputs[stage] = STAGE_RUNNERS[stage](cfg, stage_cfg, outputs)
+        state.record(stage, digest, outputs[stage], time.perf_counter() - t0)
+        echo(f"[{stage}] done in {time.perf_counter() - t0:.0f} s")
+    return outputs

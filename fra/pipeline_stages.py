@@ -1,0 +1,105 @@
+"""The stage functions of :mod:`fra.pipeline`: each calls one library entry point.
+
+A stage receives the pipeline config, its own typed config and the outputs of the stages
+before it, and returns a JSON-able dict of its outputs (paths, metrics, versions).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from fra.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def run_shards(cfg, jobs, outputs: dict) -> dict:
+    from fra.data.shards import write_shards
+
+    done = {}
+    for job in jobs:
+        manifest = write_shards(job.source, job.root, job.out, split=job.split,
+                                images_per_shard=job.images_per_shard, row_group_size=job.row_group_size,
+                                **job.options)
+        done[job.out] = {"source": job.source, "fingerprint": manifest.fingerprint,
+                         "counts": getattr(manifest, "counts", {})}
+    return done
+
+
+def run_pretrain(cfg, pre, outputs: dict) -> dict:
+    from fra.train.ray_trainer import pretrain_ray
+
+    res = pretrain_ray(pre)
+    return {"run_dir": res.run_dir, "checkpoint": res.checkpoint, "backbone": res.backbone,
+            "export_dir": str(Path(res.backbone).parent), "model_card": res.model_card,
+            "mlflow_run_id": res.mlflow_run_id, "manifest_fingerprint": res.manifest_fingerprint}
+
+
+def run_sweep(cfg, sweep, outputs: dict) -> dict:
+    from fra.tuning import run_sweep as sweep_fn
+
+    res = sweep_fn(sweep, resume=True)
+    out = dataclasses.asdict(res) if dataclasses.is_dataclass(res) else dict(res)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+
+
+def _backbone_for_evaluation(fer, outputs: dict) -> str:
+    """The evaluation's backbone: explicit source, else the sweep's best, else the pretraining export."""
+    if fer.backbone.source not in ("", "auto"):
+        return fer.backbone.source
+    if "sweep" in outputs:
+        best = outputs["sweep"].get("best_backbone") or outputs["sweep"].get("best_export_dir")
+        if best:
+            return str(best)
+    if "pretrain" in outputs:
+        return outputs["pretrain"]["export_dir"]
+    raise ConfigError("evaluate.backbone.source is 'auto' but no pretrain or sweep stage ran before it")
+
+
+def run_evaluate(cfg, fer, outputs: dict) -> dict:
+    from fra.evaluation.fer import evaluate_fer
+
+    source = _backbone_for_evaluation(fer, outputs)
+    res = evaluate_fer(fer, source)
+    return {"backbone": source, "results_path": str(res.results_path), "run_dir": str(res.run_dir),
+            "top1_last": res.top1_last, "top1_mean_last5": res.top1_mean_last5, "top1_best": res.top1_best,
+            "best_epoch": res.best_epoch, "mean_class_acc": res.mean_class_acc, "macro_f1": res.macro_f1,
+            "mlflow_run_id": res.mlflow_run_id}
+
+
+def run_register(cfg, reg, outputs: dict) -> dict:
+    from fra.pipeline import tracking_uri
+    from fra.registry import fer_metrics_from_results, register_backbone
+
+    if "evaluate" in outputs:
+        source = outputs["evaluate"]["backbone"]
+        metrics, protocol, fingerprint = fer_metrics_from_results(outputs["evaluate"]["results_path"])
+    elif "pretrain" in outputs:
+        source, metrics, protocol, fingerprint = outputs["pretrain"]["export_dir"], {}, "", ""
+    else:
+        raise ConfigError("the register stage needs a pretrain or evaluate stage before it")
+    info = register_backbone(source, reg.name, tracking_uri=tracking_uri(cfg), fer_metrics=metrics,
+                             eval_protocol=protocol, dataset_fingerprint=fingerprint)
+    return {"name": reg.name, "version": int(info.version), "metrics": metrics, "protocol": protocol,
+            "dataset_fingerprint": fingerprint}
+
+
+def run_promote(cfg, prom, outputs: dict) -> dict:
+    from fra.pipeline import tracking_uri
+    from fra.registry_promotion import promote
+
+    reg = outputs["register"]
+    decision = promote(reg["name"], reg["version"], gate_metric=prom.gate_metric, margin=prom.margin,
+                       mode=prom.mode, tracking_uri=tracking_uri(cfg))
+    return decision.to_dict()
+
+
+STAGE_RUNNERS = {
+    "shards": run_shards,
+    "pretrain": run_pretrain,
+    "sweep": run_sweep,
+    "evaluate": run_evaluate,
+    "register": run_register,
+    "promote": run_promote,
+}

@@ -1,0 +1,127 @@
+"""Training guards: non-finite losses agreed across workers, and a collapse detector.
+
+Both must reach the *same* decision on every worker, otherwise one rank stops while the
+others block in the next collective. Non-finite flags are all-reduced every step (one tiny
+MAX reduction); collapse is judged on metrics that were already averaged over workers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from fra import dist
+from fra.errors import FraError
+
+log = logging.getLogger(__name__)
+
+
+class CollapseError(FraError):
+    """Representations collapsed (``run.collapse_action: stop``)."""
+
+
+class SyncedNonFinite(nn.Module):
+    """Wrap a loss module so every worker sees a component as non-finite if any worker does.
+
+    The engine's check (``NonFiniteLossError``, raised before the weights are touched) then
+    fires on all ranks at the same step, and nobody is left waiting in DDP's gradient
+    all-reduce. In one process this is a transparent pass-through.
+    """
+
+    def __init__(self, loss_fn: nn.Module):
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.bad_ranks: list[int] = []
+
+    def forward(self, out) -> dict[str, torch.Tensor]:
+        losses = self.loss_fn(out)
+        if not dist.is_distributed():
+            return losses
+        keys = sorted(losses)
+        local = torch.stack([~torch.isfinite(losses[k].detach().float()) for k in keys]).float()
+        agreed = local.clone()  # on the loss device: CPU for gloo, CUDA for NCCL
+        tdist.all_reduce(agreed, op=tdist.ReduceOp.MAX)
+        if not bool(agreed.any()):
+            return losses
+        who = torch.zeros(dist.world_size(), device=agreed.device)
+        who[dist.rank()] = float(local.any())
+        tdist.all_reduce(who)
+        self.bad_ranks = [i for i, v in enumerate(who.tolist()) if v > 0]
+        nan = torch.tensor(float("nan"))
+        return {k: (losses[k] if not agreed[i] else nan.to(losses[k].device)) for i, k in enumerate(keys)}
+
+
+@torch.no_grad()
+def heatmap_uniformity(model, probe: torch.Tensor) -> float:
+    """Mean per-pixel entropy of the heat maps on a fixed probe batch, divided by ln K.
+
+    1.0 means every pixel is spread evenly over the K regions (no region structure). Uses
+    the ``proto`` heat maps, which need no collective, so any subset of ranks may call it.
+
+    Args:
+        probe: normalised images (B, 3, H, W).
+    """
+    from fra.heatmaps import compute_heatmaps
+
+    heat = compute_heatmaps(model, probe, mode="proto").float()  # (B, K, H, W)
+    k = heat.shape[1]
+    p = heat / heat.sum(dim=1, keepdim=True)
+    ent = -(p * p.clamp_min(1e-12).log()).sum(dim=1).mean()
+    return float(ent / math.log(k)) if k > 1 else 0.0
+
+
+class CollapseDetector:
+    """Flags collapse after ``patience`` consecutive suspicious logs.
+
+    Suspicious: the cluster cross-entropy is within ``tol`` (relative) of ln K — the student
+    predicts the uniform distribution whatever the Sinkhorn targets are — or the probe heat
+    maps are near uniform (normalised entropy ≥ 1 − tol).
+
+    Args:
+        num_proto: K.
+        patience: consecutive logs before acting; 0 disables the detector.
+        action: "warn" (log once per episode) or "stop" (raise :class:`CollapseError`).
+    """
+
+    def __init__(self, num_proto: int, patience: int, action: str = "warn", tol: float = 0.02):
+        self.ln_k = math.log(num_proto)
+        self.patience, self.action, self.tol = patience, action, tol
+        self.count = 0
+        self.warned = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.patience > 0 and self.ln_k > 0
+
+    def suspicious(self, metrics: dict[str, float]) -> str:
+        """A reason string if these metrics look collapsed, else ""."""
+        ce = [metrics[k] for k in ("loss/cluster_ce_v1", "loss/cluster_ce_v2") if k in metrics]
+        if ce and abs(sum(ce) / len(ce) - self.ln_k) <= self.tol * self.ln_k:
+            return f"cluster cross-entropy {sum(ce) / len(ce):.4f} ≈ ln K = {self.ln_k:.4f}"
+        uni = metrics.get("heatmap_uniformity")
+        if uni is not None and uni >= 1 - self.tol:
+            return f"heat maps near uniform (normalised entropy {uni:.3f})"
+        return ""
+
+    def update(self, metrics: dict[str, float]) -> str:
+        """Feed one log's (worker-averaged) metrics; returns the warning issued, if any."""
+        if not self.enabled:
+            return ""
+        reason = self.suspicious(metrics)
+        if not reason:
+            self.count, self.warned = 0, False
+            return ""
+        self.count += 1
+        if self.count < self.patience:
+            return ""
+        msg = (f"representation collapse suspected at step {int(metrics.get('step', -1))}: {reason} "
+               f"for {self.count} consecutive logs")
+        if self.action == "stop":
+            raise CollapseError(msg + " (run.collapse_action=stop); the last checkpoint is kept")
+        if not self.warned:
+            log.warning("%s", msg)
+            self.warned = True
+        return msg

@@ -1,0 +1,306 @@
+"""Pretraining on Ray Train: checks, the TorchTrainer, fault tolerance and final outputs.
+
+The driver validates everything it can before any work starts (config, worker count against
+the cluster, batch split), prepares the Ray Data stream, opens the MLflow run, then runs a
+``TorchTrainer`` whose workers execute :func:`fra.train.worker.train_loop_per_worker`.
+
+Recovery follows Ray Train V2: re-running with the same ``run.storage_path`` and ``run.name``
+continues from the latest checkpoint, and ``FailureConfig(max_failures)`` restarts failed
+workers from it. Ray waits forever for a fixed-size worker group that cannot be placed (e.g.
+after a node loss); :class:`PlacementTimeout` turns that into a clear error after
+``scaling.placement_timeout_s``. ``num_workers: [min, max]`` runs elastically instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.train.v2._internal.execution.callback import ControllerCallback
+
+from fra.config import PretrainConfig, dump_yaml, effective_lr, flatten, per_worker_batch, to_dict
+from fra.errors import ConfigError, FraError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class PlacementTimeoutError(FraError):
+    """The worker group could not be placed within ``scaling.placement_timeout_s``."""
+
+
+class PlacementTimeout(ControllerCallback):
+    """Stops a run whose worker group waits for resources longer than ``timeout_s``.
+
+    Runs inside the Train controller. The clock starts when the controller leaves the
+    running state (start-up, restart after a failure, resize) and stops once workers run.
+    The controller re-evaluates at least once per worker-group start timeout, which the
+    driver caps at ``timeout_s``.
+    """
+
+    WAITING = ("InitializingState", "SchedulingState", "ReschedulingState", "RestartingState", "ResizingState")
+
+    def __init__(self, timeout_s: float, wanted: str):
+        self.timeout_s, self.wanted = timeout_s, wanted
+        self._since: float | None = None
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        name = type(current_state).__name__
+        if name not in self.WAITING:
+            self._since = None
+            return
+        now = time.monotonic()
+        self._since = self._since or now
+        if now - self._since > self.timeout_s:
+            raise PlacementTimeoutError(
+                f"could not place {self.wanted} within scaling.placement_timeout_s={self.timeout_s:g} s "
+                "(a node was lost or the cluster is busy). Add nodes and re-run with the same run.name to "
+                "continue from the last checkpoint, or use an elastic scaling.num_workers: [min, max]")
+
+
+@dataclass
+class RayPretrainResult:
+    run_dir: str
+    checkpoint: str  # the final full checkpoint file
+    backbone: str
+    model_card: str
+    return_value: dict
+    tracking_uri: str
+    mlflow_run_id: str
+    manifest_fingerprint: str
+
+
+# ---- checks before any work ------------------------------------------------------------------
+def worker_range(cfg: PretrainConfig) -> tuple[int, int]:
+    n = cfg.scaling.num_workers
+    return (n[0], n[-1]) if isinstance(n, list) else (n, n)
+
+
+def check_config(cfg: PretrainConfig) -> None:
+    """Config-level checks the dataclasses cannot do alone."""
+    lo, hi = worker_range(cfg)
+    for w in range(lo, hi + 1):
+        per_worker_batch(cfg.optim.batch_size, w)  # raises ConfigError with a clear message
+    if cfg.scaling.amp == "fp16" and not cfg.scaling.use_gpu:
+        raise ConfigError("scaling.amp=fp16 needs GPUs (CUDA autocast + GradScaler); use bf16 or off on CPU")
+    if cfg.data.source == "shards" and not cfg.data.shards:
+        raise ConfigError("data.shards is empty: give a shard root (fra shards ...) or set data.source=synthetic")
+
+
+def resources_per_worker(cfg: PretrainConfig) -> dict:
+    res = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        res["GPU"] = cfg.scaling.gpus_per_worker
+    return res
+
+
+def check_cluster(cfg: PretrainConfig) -> int:
+    """Raise unless the cluster can ever place the (minimum) worker count; returns the max placeable."""
+    import ray
+    from ray._private.state import state as ray_state
+
+    need, lo = resources_per_worker(cfg), worker_range(cfg)[0]
+    autoscaler_max = ray_state.get_max_resources_from_cluster_config()
+    if autoscaler_max:  # an autoscaling cluster: compare with what it may grow to
+        nodes = [autoscaler_max]
+    else:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = sum(min(int(r.get(k, 0) // v) for k, v in need.items() if v > 0) for r in nodes)
+    if fits < lo:
+        total = {k: sum(r.get(k, 0) for r in nodes) for k in need}
+        raise ConfigError(
+            f"scaling.num_workers={cfg.scaling.num_workers} needs {lo} x {need} but the cluster can place "
+            f"only {fits} such workers (total {total}); lower num_workers / cpus_per_worker or add nodes")
+    return fits
+
+
+# ---- data ------------------------------------------------------------------------------------
+def prepare_data(cfg: PretrainConfig, storage: str):
+    """(manifest, lazy two-view dataset); synthetic faces are rendered into cached shards first."""
+    from fra.data.manifest import read_manifest
+    from fra.data.stream import pretrain_dataset
+
+    shards = cfg.data.shards
+    if cfg.data.source == "synthetic":
+        from fra.data.shards import write_shards
+
+        s = to_dict(cfg.data.synthetic)
+        key = hashlib.sha256(json.dumps([s, cfg.data.split], sort_keys=True).encode()).hexdigest()[:12]
+        shards = f"{storage.rstrip('/')}/_shards/synthetic_{key}"
+        write_shards("synthetic_faces", "", shards, split=cfg.data.split, images_per_shard=256,
+                     row_group_size=32, num_identities=s["num_identities"], seed=s["seed"], size=s["size"],
+                     images_per_identity=s["images_per_identity"], intensity=s["intensity"], jitter=s["jitter"])
+    manifest = read_manifest(shards)
+    ds = pretrain_dataset(shards, image_size=cfg.data.image_size, split=cfg.data.split, seed=cfg.data.seed)
+    return manifest, ds
+
+
+def probe_images(manifest, split: str, size: int, n: int = 4) -> list:
+    """The first ``n`` images of the split, resized: the fixed heat-map probe batch."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from fra.data.decode import decode_pil
+    from fra.data.readers.base import resolve
+
+    fs, path = resolve(manifest.shard_uris(split)[0])
+    table = pq.ParquetFile(fs.open_input_file(path)).read_row_group(0, columns=["image"])
+    return [np.asarray(decode_pil(raw).resize((size, size), Image.BILINEAR))
+            for raw in table.column("image").to_pylist()[:n]]
+
+
+def make_plan(cfg: PretrainConfig, num_rows: int) -> dict:
+    """Steps per epoch and in total: independent of the world size (global batch)."""
+    iters = num_rows // cfg.optim.batch_size
+    if iters == 0:
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} exceeds the {num_rows} training images")
+    total = iters * cfg.optim.epochs
+    return {"iters_per_epoch": iters, "total_steps": min(total, cfg.run.max_steps or total),
+            "global_batch": cfg.optim.batch_size}
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callbacks: list | None = None,
+                 inject: dict | None = None) -> RayPretrainResult:
+    """Pretrain with Ray Train; resumes automatically when ``run.name`` already has checkpoints.
+
+    Args:
+        placement_strategy: Ray placement strategy of the worker group (PACK, SPREAD, ...).
+        callbacks: extra Ray Train callbacks (e.g. Tune's ``TuneReportCallback``); they see the
+            reports made with every checkpoint (epoch ends and ``run.checkpoint_every``).
+        inject: test-only fault injection (see :meth:`WorkerHooks._maybe_inject`).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fra import tracking
+    from fra.train.worker import train_loop_per_worker
+
+    check_config(cfg)
+    lo, hi = worker_range(cfg)
+    if not ray.is_initialized():
+        # NOTE: logical CPUs beyond the cores, so that Ray Data keeps 2 CPUs beside the
+        # workers (its ListFiles task always takes a full CPU; without spare CPUs it hangs).
+        need = math.ceil(hi * cfg.scaling.cpus_per_worker) + 2
+        ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need))
+    check_cluster(cfg)
+    remote = "://" in cfg.run.storage_path
+    storage = cfg.run.storage_path if remote else str(Path(cfg.run.storage_path).expanduser().resolve())
+    run_dir = f"{storage.rstrip('/')}/{cfg.run.name}"
+    manifest, ds = prepare_data(cfg, storage)
+    plan = make_plan(cfg, manifest.num_rows(cfg.data.split))
+    derived = {"derived.global_batch": cfg.optim.batch_size, "derived.workers": f"{lo}..{hi}" if lo < hi else lo,
+               "derived.per_worker_batch": per_worker_batch(cfg.optim.batch_size, hi),
+               "derived.effective_lr": effective_lr(cfg.optim), "derived.iters_per_epoch": plan["iters_per_epoch"],
+               "derived.total_steps": plan["total_steps"], "derived.data_fingerprint": manifest.fingerprint}
+    log.info("pretraining %s: %s steps (%d/epoch), global batch %d = %s workers x %d, lr %.4g (%s rule), %s",
+             cfg.run.name, plan["total_steps"], plan["iters_per_epoch"], cfg.optim.batch_size, derived["derived.workers"],
+             derived["derived.per_worker_batch"], effective_lr(cfg.optim), cfg.optim.lr_scaling,
+             "NCCL + SyncBN" if cfg.scaling.use_gpu else "gloo on CPU, plain BatchNorm")
+
+    uri, run_id = "", ""
+    if cfg.tracking.enabled:
+        uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, "runs" if remote else storage)
+        run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, run_dir, cfg.run.name,
+                                             {**flatten(to_dict(cfg)), **derived})
+        with tempfile.TemporaryDirectory() as tmp:
+            dump_yaml(cfg, Path(tmp) / "config.yaml")
+            tracking.log_artifacts(uri, run_id, Path(tmp) / "config.yaml")
+        log.info("MLflow %s run %s (%s)", uri, run_id, "continued" if resumed else "new")
+
+    timeout = cfg.scaling.placement_timeout_s
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "plan": plan, "mlflow": {"uri": uri, "run_id": run_id},
+                           "probe": probe_images(manifest, cfg.data.split, cfg.data.image_size),
+                           "inject": inject or {}},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=(lo, hi) if lo < hi else lo, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources_per_worker(cfg),
+                                     placement_strategy=placement_strategy),
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             callbacks=[PlacementTimeout(timeout, f"{lo} worker(s) x {resources_per_worker(cfg)}"),
+                                        *(callbacks or [])]),
+        datasets={"train": ds},
+    )
+    saved_env = os.environ.get(START_TIMEOUT_ENV)
+    if float(saved_env or 60) > timeout:  # Ray propagates it to the controller at fit()
+        os.environ[START_TIMEOUT_ENV] = str(max(timeout, 1.0))
+    try:
+        result = _fit(trainer, cfg)
+    except BaseException:
+        if run_id:
+            tracking.end_run(uri, run_id, "FAILED")
+        raise
+    finally:
+        if saved_env is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = saved_env
+    out = finalize(cfg, result, run_dir, manifest.fingerprint)
+    if run_id:
+        if not remote:
+            for p in (out.model_card, Path(out.checkpoint).parent / "config.yaml"):
+                tracking.log_artifacts(uri, run_id, p, "final")
+        tracking.end_run(uri, run_id)
+    out.tracking_uri, out.mlflow_run_id = uri, run_id
+    return out
+
+
+def _fit(trainer, cfg: PretrainConfig):
+    """``trainer.fit()`` with Ray's failures turned into one clear message."""
+    from ray.train import ControllerError, TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except ControllerError as exc:
+        cause = exc.controller_failure
+        if isinstance(cause, PlacementTimeoutError):
+            raise PlacementTimeoutError(str(cause)) from None
+        raise FraError(f"Ray Train controller failed: {cause}") from exc
+    except TrainingFailedError as exc:
+        raise FraError(f"training failed after scaling.max_failures={cfg.scaling.max_failures} restarts; "
+                       f"re-run with the same run.name to continue from the last checkpoint. Cause: {exc}") from exc
+    rv = result.return_value or {}
+    if rv.get("status") != "finished":
+        where = result.checkpoint.path if result.checkpoint else "none"
+        raise FraError(f"{rv.get('message', 'training stopped')} — last good checkpoint: {where}")
+    return result
+
+
+def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> RayPretrainResult:
+    """Copy the final full checkpoint to ``<run>/final`` and export the backbone + model card."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    from fra.models import build_model
+    from fra.train.checkpointing import CHECKPOINT_FILE, export_backbone, load_checkpoint, restore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp)
+        with result.checkpoint.as_directory() as d:
+            shutil.copytree(d, local / "final")
+        model = build_model(cfg.model)
+        restore(load_checkpoint(local / "final" / CHECKPOINT_FILE), model, restore_rng=False)
+        rv = result.return_value or {}
+        export_backbone(model, local / "export", cfg, cfg.data.image_size, manifest_fingerprint=fingerprint,
+                        extra_card={"steps": rv.get("step"), "ray_checkpoint": result.checkpoint.path})
+        if "://" in run_dir:
+            pafs.copy_files(str(local), run_dir)
+        else:
+            for sub in ("final", "export"):
+                shutil.copytree(local / sub, Path(run_dir) / sub, dirs_exist_ok=True)
+    return RayPretrainResult(run_dir, f"{run_dir}/final/{CHECKPOINT_FILE}", f"{run_dir}/export/backbone.pt",
+                             f"{run_dir}/export/model_card.json", rv, "", "", fingerprint)

@@ -1,0 +1,269 @@
+"""What runs inside each Ray Train worker: ``train_loop_per_worker`` and its hooks.
+
+The loop only wires things: config → factories → ``prepare_model`` → dataset shard → the plain
+epoch loop of :mod:`fra.engine` → checkpoints and reports. Everything here runs on every rank
+in lock-step: checkpoints, reports and metric reductions happen at steps that all ranks agree
+on, and stop decisions (non-finite loss, collapse) are taken identically on all ranks, so no
+worker is ever left waiting in a collective.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from fra import dist
+from fra.config import PretrainConfig, dump_yaml, from_dict, per_worker_batch
+from fra.engine import NonFiniteLossError, Normalizer, Schedule, TrainState, VGGFACE2_MEAN, VGGFACE2_STD, train_one_epoch
+from fra.losses import FRALoss
+from fra.models import OnlineView, build_model
+from fra.optim import build_optimizer
+from fra.tracking import RunLogger
+from fra.train.checkpointing import CHECKPOINT_FILE, load_checkpoint, restore, save_checkpoint
+from fra.train.guards import CollapseDetector, CollapseError, SyncedNonFinite, heatmap_uniformity
+
+log = logging.getLogger("fra.train.worker")
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train entry point. ``config``: {"cfg", "plan", "mlflow", "probe", "inject"} (see ray_trainer)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(PretrainConfig, config["cfg"])
+    plan = config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    model, loss_fn, optimizer, scaler = build_training_objects(cfg, device, rank)
+    state = resume(ray.train.get_checkpoint(), model, optimizer, scaler, cfg, rank, config)
+    online = ray.train.torch.prepare_model(OnlineView(model), move_to_device=False)
+    hooks = WorkerHooks(cfg, plan, model, optimizer, scaler, rank, world, config, device)
+    schedule = Schedule.from_config(cfg.optim, cfg.model, plan["iters_per_epoch"])
+    shard = ray.train.get_dataset_shard("train")
+    batch = per_worker_batch(plan["global_batch"], world)
+    try:
+        while state.step < plan["total_steps"]:
+            stats = train_one_epoch(
+                model, loss_fn, optimizer, epoch_batches(shard, batch, state, plan, cfg.data.seed), schedule,
+                state, hooks.normalizer, online=online, scaler=scaler, amp=cfg.scaling.amp,
+                grad_clip=cfg.optim.grad_clip, log_every=cfg.run.log_every, max_steps=plan["total_steps"],
+                on_log=hooks.on_log, on_step=hooks.on_step)
+            hooks.end_epoch(state, stats)
+    except (NonFiniteLossError, CollapseError) as exc:
+        return hooks.stopped(state, exc)
+    return hooks.finished(state)
+
+
+# ---- setup -----------------------------------------------------------------------------------
+def build_training_objects(cfg: PretrainConfig, device: torch.device, rank: int):
+    """Model (identical init on every rank), guarded loss, optimizer and the fp16 scaler."""
+    _console()
+    torch.manual_seed(cfg.run.seed)  # same init everywhere; DDP also broadcasts rank 0's weights
+    model = build_model(cfg.model)
+    if cfg.scaling.use_gpu and cfg.model.norm == "syncbn":
+        # NOTE: before DDP and for the whole model, as the reference (target BNs included).
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif cfg.model.norm == "syncbn" and rank == 0:
+        log.info("model.norm=syncbn ignored on CPU (torch has no CPU SyncBatchNorm): plain BatchNorm per worker")
+    model.to(device)
+    torch.manual_seed(cfg.run.seed + 7919 * rank)  # per-rank dropout draws
+    loss_fn = SyncedNonFinite(FRALoss.from_config(cfg.model))
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler("cuda") if cfg.scaling.amp == "fp16" and device.type == "cuda" else None
+    return model, loss_fn, optimizer, scaler
+
+
+def resume(checkpoint, model, optimizer, scaler, cfg: PretrainConfig, rank: int, config: dict) -> TrainState:
+    """Restore everything from Ray's latest checkpoint (or start at step 0)."""
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as d:
+        ck = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    # Rank 0 continues its exact RNG stream; the others re-seed deterministically per step.
+    state = restore(ck, model, optimizer, scaler, restore_rng=rank == 0)
+    if rank != 0:
+        torch.manual_seed(cfg.run.seed + 7919 * rank + state.step)
+    iters = ck.get("extra", {}).get("iters_per_epoch")
+    if rank == 0 and iters not in (None, config["plan"]["iters_per_epoch"]):
+        log.warning("the checkpoint was written with %s iterations/epoch, this run has %d (batch size or data "
+                    "changed): the position within the epoch is approximate", iters, config["plan"]["iters_per_epoch"])
+    if rank == 0:
+        log.info("resumed from checkpoint at step %d (epoch %d); skipping %d consumed batches of this epoch",
+                 state.step, state.epoch, state.step - state.epoch * config["plan"]["iters_per_epoch"])
+        dump = (config.get("inject") or {}).get("dump_restored_to")
+        if dump:  # test hook: what was restored, to compare tensor by tensor with the file
+            torch.save({"step": state.step, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                       Path(dump) / f"restored_step{state.step}.pt")
+    return state
+
+
+def epoch_batches(shard, batch_size: int, state: TrainState, plan: dict, seed: int) -> Iterator[dict]:
+    """This epoch's batches, minus those a resumed run already consumed (mid-epoch resume).
+
+    Every rank takes exactly ``iters_per_epoch`` batches (the same count whatever the world
+    size, since the per-worker batch is global / W), then drains the rest of its shard.
+    """
+    from fra.data.stream import iter_batches
+
+    iters = plan["iters_per_epoch"]
+    skip = state.step - state.epoch * iters
+    it = iter(iter_batches(shard, batch_size, epoch=state.epoch, seed=seed, drop_last=True))
+    yield from islice(it, skip, iters)
+    for _ in it:  # let the streaming split finish its epoch
+        pass
+
+
+def _console() -> None:
+    """Progress lines on the driver console (Ray forwards worker stderr)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s fra: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+# ---- hooks -----------------------------------------------------------------------------------
+class WorkerHooks:
+    """Checkpoint/report/log hooks shared by every rank (rank 0 writes)."""
+
+    def __init__(self, cfg, plan, model, optimizer, scaler, rank, world, config, device):
+        self.cfg, self.plan, self.model, self.optimizer, self.scaler = cfg, plan, model, optimizer, scaler
+        self.rank, self.world, self.inject = rank, world, config.get("inject") or {}
+        self._normalize = Normalizer(VGGFACE2_MEAN, VGGFACE2_STD, device)
+        self._poison = False
+        ml = config.get("mlflow") or {}
+        self.tracker = RunLogger(ml.get("uri", ""), ml.get("run_id", ""), enabled=rank == 0)
+        self.detector = CollapseDetector(cfg.model.num_proto, cfg.run.collapse_patience, cfg.run.collapse_action)
+        self.probe_images = config.get("probe") or []
+        self.probe = None
+        if self.probe_images and cfg.model.method == "fra":
+            self.probe = self._normalize(torch.from_numpy(np.stack(self.probe_images)).permute(0, 3, 1, 2))
+        self.last_metrics: dict = {}
+
+    def normalizer(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._normalize(x)
+        if self._poison:  # test hook (inject.nan_at_step): one non-finite input pixel
+            x[0, 0, 0, 0] = float("nan")
+            self._poison = False
+        return x
+
+    def on_step(self, state: TrainState) -> None:
+        self._maybe_inject(state)
+        every, iters = self.cfg.run.checkpoint_every, self.plan["iters_per_epoch"]
+        if every and state.step % every == 0 and state.step % iters and state.step < self.plan["total_steps"]:
+            self.checkpoint(state, {"step": state.step, "epoch": state.epoch, **self.last_metrics})
+
+    def on_log(self, metrics: dict) -> None:
+        """Average over workers, feed the collapse detector, print progress, log to MLflow."""
+        if self.detector.enabled and self.probe is not None:
+            metrics["heatmap_uniformity"] = heatmap_uniformity(self.model, self.probe)
+        metrics = _all_reduce_metrics(metrics)
+        self.last_metrics = {k: v for k, v in metrics.items() if k.startswith("loss")}
+        self.detector.update(metrics)  # identical input on every rank -> identical decision
+        if self.rank != 0:
+            return
+        self.tracker.log_metrics(metrics, metrics["step"])
+        parts = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4f}" for k in
+                         ("loss", "loss/inst", "loss/region", "loss/cluster") if k in metrics)
+        log.info("step %d/%d epoch %d %s lr=%.4g ema=%.5f %.1f img/s data-wait %.0f%%", metrics["step"],
+                 self.plan["total_steps"], metrics["epoch"] + 1, parts, metrics["lr"], metrics["momentum"],
+                 metrics["images_per_s"], 100 * metrics["data_wait_frac"])
+
+    def end_epoch(self, state: TrainState, stats: dict) -> None:
+        if state.step >= (state.epoch + 1) * self.plan["iters_per_epoch"]:
+            state.epoch += 1
+        stats = _all_reduce_metrics(dict(stats))
+        state.history.append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        if self.rank == 0:
+            self.tracker.log_metrics({f"epoch/{k}": v for k, v in stats.items()}, state.step)
+            self._heatmaps(state)
+        self.checkpoint(state, {"step": state.step, "epoch": state.epoch,
+                                **{k: v for k, v in stats.items() if k.startswith("loss")}})
+
+    def checkpoint(self, state: TrainState, metrics: dict) -> None:
+        """Rank 0 writes a full checkpoint atomically; every rank reports (Ray's barrier)."""
+        import ray.train
+
+        tmp, ck = None, None
+        if self.rank == 0:
+            tmp = Path(tempfile.mkdtemp(prefix="fra-ckpt-"))
+            extra = {"data_seed": self.cfg.data.seed, "world_size": self.world, **self.plan,
+                     "step_in_epoch": state.step - state.epoch * self.plan["iters_per_epoch"]}
+            save_checkpoint(tmp / CHECKPOINT_FILE, self.model, self.optimizer, state, self.cfg, self.scaler, extra)
+            dump_yaml(self.cfg, tmp / "config.yaml")
+            ck = ray.train.Checkpoint.from_directory(str(tmp))
+        ray.train.report(metrics, checkpoint=ck)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def stopped(self, state: TrainState, exc: Exception) -> dict:
+        """A guard fired on every rank: end cleanly (no retry) and tell the driver why."""
+        if self.rank == 0:
+            log.error("stopping: %s", exc)
+        self.tracker.close()
+        kind = "nonfinite" if isinstance(exc, NonFiniteLossError) else "collapse"
+        return {"status": kind, "message": str(exc), "step": state.step, "planned": self.plan["total_steps"],
+                "world_size": self.world}
+
+    def finished(self, state: TrainState) -> dict:
+        self.tracker.close()
+        return {"status": "finished", "step": state.step, "epoch": state.epoch,
+                "planned": self.plan["total_steps"], "world_size": self.world, "history": state.history}
+
+    def _heatmaps(self, state: TrainState) -> None:
+        if self.probe is None or not self.cfg.run.heatmaps_every_epoch or not self.tracker.enabled:
+            return
+        from PIL import Image
+
+        from fra.heatmaps import write_overlays
+
+        tmp = Path(tempfile.mkdtemp(prefix="fra-probe-"))
+        paths = []
+        for i, img in enumerate(self.probe_images):
+            paths.append(tmp / f"probe_{i:02d}.png")
+            Image.fromarray(img).save(paths[-1])
+        out = tmp / f"epoch_{state.epoch:03d}"
+        # "proto" heat maps need no collective, so rank 0 can draw them alone.
+        write_overlays(self.model, paths, out, self.cfg.data.image_size, VGGFACE2_MEAN, VGGFACE2_STD, mode="proto")
+        self.tracker.log_artifact(out, f"heatmaps/{out.name}", cleanup=tmp)
+
+    def _maybe_inject(self, state: TrainState) -> None:
+        """Test hooks: kill this worker process once, raise, or poison the next input."""
+        inj = self.inject
+        if inj.get("kill_at_step") == state.step and inj.get("kill_rank", 0) == self.rank:
+            marker = Path(inj["marker"])
+            if not marker.exists():
+                marker.write_text(str(state.step))
+                time.sleep(inj.get("delay_s", 5))  # let the controller register the last report
+                os.kill(os.getpid(), signal.SIGKILL)
+        if inj.get("raise_at_step") == state.step and self.rank == 0:
+            time.sleep(inj.get("delay_s", 5))
+            raise RuntimeError(f"injected failure at step {state.step}")
+        if inj.get("nan_at_step") == state.step and self.rank == inj.get("nan_rank", 0):
+            self._poison = True
+
+
+def _all_reduce_metrics(metrics: dict) -> dict:
+    """Mean of the numeric metrics over workers (images/s summed: a global throughput)."""
+    if not dist.is_distributed():
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("step", "epoch"))
+    vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        vec = vec.cuda()
+    vec = dist.all_reduce_mean(vec).cpu()
+    out = dict(metrics)
+    for k, v in zip(keys, vec.tolist()):
+        out[k] = v * dist.world_size() if k in ("images_per_s", "images") else v
+    return out

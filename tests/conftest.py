@@ -1,0 +1,31 @@
+"""Shared pytest fixtures.
+
+``ray_local``: one local Ray runtime per test session (4 logical CPUs on this 2-core machine,
+a small object store, no dashboard, Ray Data progress bars off, small Parquet read tasks).
+Tests that use it are marked ``@pytest.mark.ray``.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", "1048576")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=400 * 1024 * 1024,
+                 log_to_driver=False, configure_logging=False)
+        started = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    if started:
+        ray.shutdown()

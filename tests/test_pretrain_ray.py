@@ -1,0 +1,211 @@
+"""`fra pretrain` on Ray Train (CPU, gloo) with the session's local Ray (``ray_local``).
+
+Multi-node and node-loss tests need their own ``ray.cluster_utils.Cluster`` and live in
+tests/test_pretrain_faults.py. Everything is tiny: resnet18 at 64 px, hidden_dim 64, K=4,
+64 synthetic faces, batch 8. One MLflow sqlite file is shared by the module (creating one
+costs ~5–10 s).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fra.cli.pretrain import load_pretrain_config
+from fra.errors import ConfigError, FraError
+
+TINY = {
+    "model": {"backbone": "resnet18", "hidden_dim": 64, "proj_dim": 32, "num_proto": 4, "decoder_heads": 4,
+              "decoder_ffn": 64, "dropout": 0.0},
+    "optim": {"lr": 1.0, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
+    "data": {"source": "synthetic", "image_size": 64,
+             "synthetic": {"num_identities": 10, "images_per_identity": 8, "size": 64}},  # 64 train images
+    "scaling": {"num_workers": 1, "max_failures": 0},
+    "run": {"log_every": 2, "keep_checkpoints": 10, "heatmaps_every_epoch": False},
+    "tracking": {"enabled": False},
+}
+
+
+def tiny_config(tmp_path: Path, name: str, *overrides: str, storage: Path | None = None):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return load_pretrain_config(str(path), [f"run.storage_path={storage or tmp_path}", *overrides], name)
+
+
+def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
+    """Ray checkpoints of a run by training step."""
+    out = {}
+    for d in sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()):
+        ck = torch.load(d / "checkpoint.pt", weights_only=True)
+        out[ck["state"]["step"]] = d / "checkpoint.pt"
+    return out
+
+
+def registered_checkpoints(run_dir: Path) -> dict[int, dict]:
+    """Checkpoints the Train controller has registered (its snapshot file): step -> metrics."""
+    try:
+        snap = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+        return {c["metrics"]["step"]: c["metrics"] for c in snap["checkpoint_results"]}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def assert_restored_exactly(dump_dir: Path, run_dir: Path, step: int) -> None:
+    """The tensors a resumed worker restored equal those of the checkpoint it resumed from."""
+    restored = torch.load(dump_dir / f"restored_step{step}.pt", weights_only=True)
+    saved = torch.load(checkpoint_steps(run_dir)[step], weights_only=True)
+    for name, t in saved["model"].items():
+        assert torch.equal(t, restored["model"][name]), name
+    for pid, buf in saved["optimizer"]["state"].items():
+        for k, v in buf.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(restored["optimizer"]["state"][pid][k])), (pid, k)
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+# ---- no Ray needed -----------------------------------------------------------------------------
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean optim.epochs"):
+        tiny_config(tmp_path, "a", "optim.epoks=3")
+    with pytest.raises(ConfigError, match="optim.batch_size must be an integer"):
+        tiny_config(tmp_path, "b", "optim.batch_size=eight")
+    from fra.train.ray_trainer import check_config
+
+    with pytest.raises(ConfigError, match="not divisible by 3 workers"):
+        check_config(tiny_config(tmp_path, "c", "scaling.num_workers=3"))
+    with pytest.raises(ConfigError, match="fp16 needs GPUs"):
+        check_config(tiny_config(tmp_path, "d", "scaling.amp=fp16"))
+
+
+def test_pipeline_yaml_and_cli_error_exit(tmp_path, capsys):
+    from fra.cli.main import main
+
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(yaml.safe_dump({"pretrain": TINY}))
+    cfg = load_pretrain_config(str(pipe), ["pretrain.optim.epochs=5"], "x")
+    assert cfg.optim.epochs == 5 and cfg.run.name == "x"
+    assert main(["pretrain", str(pipe), "--set", "model.backbone_typo=1"]) == 1
+    assert "unknown config key 'model.backbone_typo'" in capsys.readouterr().err
+
+
+def test_guards_and_placement_callback_units():
+    from fra.train.guards import CollapseDetector, CollapseError
+    from fra.train.ray_trainer import PlacementTimeout, PlacementTimeoutError
+
+    ln4 = math.log(4)
+    det = CollapseDetector(4, patience=2, action="stop")
+    det.update({"loss/cluster_ce_v1": 0.5, "loss/cluster_ce_v2": 0.6, "step": 1})
+    det.update({"loss/cluster_ce_v1": ln4, "loss/cluster_ce_v2": ln4, "step": 2})
+    with pytest.raises(CollapseError, match="step 3: cluster cross-entropy"):
+        det.update({"loss/cluster_ce_v1": ln4, "loss/cluster_ce_v2": ln4 + 0.001, "step": 3})
+    warn = CollapseDetector(4, patience=1, action="warn")
+    assert "heat maps near uniform" in warn.update({"heatmap_uniformity": 0.999, "step": 1})
+    assert not CollapseDetector(4, patience=0).update({"loss/cluster_ce_v1": ln4})
+
+    cb = PlacementTimeout(0.05, "2 workers")
+    scheduling, running = type("SchedulingState", (), {})(), type("RunningState", (), {})()
+    cb.after_controller_state_update(running, scheduling)
+    cb.after_controller_state_update(scheduling, running)  # placed in time: the clock resets
+    cb.after_controller_state_update(running, scheduling)
+    import time
+
+    time.sleep(0.1)
+    with pytest.raises(PlacementTimeoutError, match="placement_timeout_s=0.05"):
+        cb.after_controller_state_update(scheduling, scheduling)
+
+
+# ---- Ray Train ---------------------------------------------------------------------------------
+@pytest.mark.ray
+def test_one_worker_trains_logs_to_mlflow_and_exports(ray_local, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from fra.train.ray_trainer import pretrain_ray
+
+    cfg = tiny_config(tmp_path, "one", "tracking.enabled=true", f"tracking.mlflow_uri={mlflow_uri}",
+                      "run.heatmaps_every_epoch=true")
+    out = pretrain_ray(cfg)
+    rv = out.return_value
+    assert rv["status"] == "finished" and rv["step"] == rv["planned"] == 2 * (64 // 8)
+    losses = [h["loss"] for h in rv["history"]]
+    assert losses[-1] < losses[0], losses
+    card = json.loads(Path(out.model_card).read_text())
+    assert card["architecture"] == "resnet18" and card["data_manifest_fingerprint"] == out.manifest_fingerprint
+    assert torch.load(out.checkpoint, weights_only=True)["state"]["step"] == rv["step"]
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(out.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["derived.global_batch"] == "8" and run.data.params["model.backbone"] == "resnet18"
+    assert {"loss", "loss.cluster", "lr", "momentum", "images_per_s", "data_wait_frac"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == rv["step"] // 2
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "heatmaps", "final"} <= arts
+    epochs = {a.path for a in client.list_artifacts(run.info.run_id, "heatmaps")}
+    assert epochs == {"heatmaps/epoch_001", "heatmaps/epoch_002"}
+
+
+@pytest.mark.ray
+def test_two_workers_survive_a_killed_worker_and_an_interrupted_run_continues(ray_local, tmp_path):
+    """Attempt 1: rank 1's process is SIGKILLed at step 5 -> Ray restarts both workers from the
+    step-4 checkpoint. Attempt 2 crashes at step 9 with no retry left -> the run fails. Running
+    again with the same name resumes from step 8 and finishes the planned 16 steps."""
+    from fra.train.ray_trainer import pretrain_ray
+
+    cfg = tiny_config(tmp_path, "two", "scaling.num_workers=2", "scaling.max_failures=1", "run.checkpoint_every=4",
+                      "optim.epochs=1", "data.synthetic.num_identities=20")  # 1 epoch x 128 faces = 16 steps
+    marker, run_dir = tmp_path / "killed", tmp_path / "two"
+    with pytest.raises(FraError, match="re-run with the same run.name"):
+        pretrain_ray(cfg, inject={"kill_at_step": 5, "kill_rank": 1, "marker": str(marker), "raise_at_step": 9,
+                                  "dump_restored_to": str(tmp_path)})
+    assert marker.read_text() == "5" and max(checkpoint_steps(run_dir)) == 8
+    out = pretrain_ray(cfg, inject={"dump_restored_to": str(tmp_path)})
+    rv = out.return_value
+    assert rv["status"] == "finished" and rv["world_size"] == 2
+    assert rv["step"] == rv["planned"] == 16
+    assert sorted(p.name for p in tmp_path.glob("restored_step*.pt")) == ["restored_step4.pt", "restored_step8.pt"]
+    assert_restored_exactly(tmp_path, run_dir, 4)
+    assert_restored_exactly(tmp_path, run_dir, 8)
+    losses = registered_checkpoints(run_dir)
+    assert losses[16]["loss"] < losses[4]["loss"], losses
+
+
+@pytest.mark.ray
+def test_nan_on_one_worker_stops_all_with_clear_message(ray_local, tmp_path):
+    from fra.train.ray_trainer import pretrain_ray
+
+    cfg = tiny_config(tmp_path, "nan", "scaling.num_workers=2", "scaling.max_failures=3",
+                      "run.checkpoint_every=2", "optim.epochs=1")
+    with pytest.raises(FraError, match=r"non-finite loss at step 3: .*loss.*last good checkpoint: .*checkpoint_"):
+        pretrain_ray(cfg, inject={"nan_at_step": 3, "nan_rank": 1})
+    assert max(checkpoint_steps(tmp_path / "nan")) == 2  # kept; no retry burnt on a NaN
+
+
+@pytest.mark.ray
+def test_unplaceable_workers_fail_fast_or_after_placement_timeout(ray_local, tmp_path):
+    import ray
+
+    from fra.train.ray_trainer import PlacementTimeoutError, pretrain_ray
+
+    with pytest.raises(ConfigError, match="can place only"):
+        pretrain_ray(tiny_config(tmp_path, "big", "scaling.num_workers=8"))
+
+    @ray.remote(num_cpus=3)
+    class Hog:
+        def ready(self):
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote())
+    try:
+        cfg = tiny_config(tmp_path, "busy", "scaling.num_workers=2", "scaling.placement_timeout_s=5")
+        with pytest.raises(PlacementTimeoutError, match="placement_timeout_s=5"):
+            pretrain_ray(cfg)
+    finally:
+        ray.kill(hog)

@@ -1,0 +1,158 @@
+"""Ray Data streaming: shards -> decode + augment -> batches; exactly once, seeded, corrupt rows counted."""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fra.data.augment import FERTransform, TwoViewTransform
+from fra.data.decode import decode_image, decode_mask, encode_jpeg
+from fra.data.manifest import Manifest, ShardInfo, write_manifest
+from fra.data.shards import SHARD_SCHEMA, parquet_options, write_shards
+from fra.data.stream import fer_dataset, iter_batches, pretrain_dataset, row_key, stream_stats
+from tests.data_layouts import CORRUPT, build_image_folder, build_rafdb, face_jpeg, truncated_jpeg
+
+pytestmark = pytest.mark.ray
+
+
+def _epoch(ds, epoch, batch_size=8, **kw) -> dict[int, tuple]:
+    """key -> (label, view1, view2) for one epoch; fails on a duplicate."""
+    out = {}
+    for b in iter_batches(ds, batch_size, epoch=epoch, seed=0, drop_last=False, **kw):
+        for i, key in enumerate(b["key"].tolist()):
+            assert key not in out, "row streamed twice in one epoch"
+            out[key] = (int(b["label"][i]), b["view1"][i].numpy(), b["view2"][i].numpy())
+    return out
+
+
+@pytest.fixture(scope="module")
+def raf_shards(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("raf")
+    expected = build_rafdb(tmp / "src", n_train=40, n_test=10)
+    manifest = write_shards("rafdb", str(tmp / "src"), str(tmp / "shards"), images_per_shard=12, row_group_size=4,
+                            parallel=False)
+    return expected, manifest
+
+
+def test_pretrain_round_trip_exactly_once_seeded(ray_local, raf_shards):
+    expected, manifest = raf_shards
+    want = {row_key(p): label for p, label in expected.good["train"].items()}
+    ds = pretrain_dataset(manifest.uri, image_size=32, seed=7, with_keys=True, batch_size=5)
+    e0 = _epoch(ds, 0)
+    assert {k: v[0] for k, v in e0.items()} == want  # every good image once, right label
+    v = next(iter(e0.values()))
+    assert v[1].shape == (3, 32, 32) and v[1].dtype == np.uint8
+    e1 = _epoch(ds, 1)
+    assert set(e1) == set(want)
+    assert sum(np.array_equal(e0[k][1], e1[k][1]) for k in want) < 3  # new draws each epoch
+    # seeded: each view is a function of (seed, epoch, image) only, whatever the task split
+    t = TwoViewTransform(32)
+    for path in list(expected.good["train"])[:10]:
+        img, key = decode_image((Path(manifest.source_root) / path).read_bytes()), row_key(path)
+        for epoch, rows in ((0, e0), (1, e1)):
+            v1, v2 = t(img, np.random.default_rng([7, epoch, 1, key]))
+            assert np.array_equal(rows[key][1], v1.transpose(2, 0, 1)) and np.array_equal(rows[key][2], v2.transpose(2, 0, 1))
+
+
+def test_fer_eval_stream_is_the_reference_eval_transform(ray_local, raf_shards):
+    expected, manifest = raf_shards
+    ds = fer_dataset(manifest.uri, image_size=24, split="test", train=False, with_keys=True)
+    seen = {}
+    for b in iter_batches(ds, 4, drop_last=False, local_shuffle_buffer=0):
+        for i, key in enumerate(b["key"].tolist()):
+            seen[key] = (int(b["label"][i]), b["image"][i].numpy())
+    assert {k: v[0] for k, v in seen.items()} == {row_key(p): lab for p, lab in expected.good["test"].items()}
+    path = sorted(expected.good["test"])[0]
+    want = FERTransform(24, train=False)(decode_image((Path(manifest.source_root) / path).read_bytes()))
+    assert np.array_equal(seen[row_key(path)][1], want.transpose(2, 0, 1))
+
+
+def _bad_shard_set(out) -> tuple[str, int]:
+    """A hand-made shard set whose single shard holds 2 corrupt rows (the writer never makes one)."""
+    images = [face_jpeg(i) for i in range(10)] + [CORRUPT, truncated_jpeg(4)]
+    n = len(images)
+    cols = {name: [None] * n for name in SHARD_SCHEMA.names}
+    cols.update(image=images, label=[i % 3 for i in range(n)], split=["train"] * n, path=[f"img{i}.jpg" for i in range(n)],
+                format=["jpeg"] * n, width=[64] * n, height=[64] * n)
+    (out / "train").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pydict(cols, schema=SHARD_SCHEMA), out / "train/part-00000.parquet", **parquet_options(4))
+    data = (out / "train/part-00000.parquet").read_bytes()
+    shard = ShardInfo("train/part-00000.parquet", "train", n, len(data), hashlib.sha256(data).hexdigest())
+    write_manifest(Manifest(1, "image_folder", "", "x", ("a", "b", "c"), {"train": {"total": n, "classes": {}}}, (shard,),
+                            parquet={"row_group_size": 4}), str(out))
+    return str(out), 10
+
+
+def test_corrupt_rows_are_dropped_and_counted(ray_local, tmp_path):
+    uri, good = _bad_shard_set(tmp_path / "bad")
+    stream_stats(reset=True)
+    rows = _epoch(pretrain_dataset(uri, image_size=32, with_keys=True, batch_size=4), 0)
+    assert set(rows) == {row_key(f"img{i}.jpg") for i in range(good)}
+    assert stream_stats()["skipped_corrupt"] == 2
+    n = sum(len(b["label"]) for b in iter_batches(fer_dataset(uri, 32, "train", train=True), 4, drop_last=False))
+    assert n == good and stream_stats(reset=True)["skipped_corrupt"] == 4
+
+
+def test_ray_train_style_shards_cover_the_split_once(ray_local, raf_shards):
+    expected, manifest = raf_shards
+    ds = pretrain_dataset(manifest.uri, image_size=16, with_keys=True, batch_size=4)
+    iterators = ds.streaming_split(2, equal=True)  # as Ray Train's default DataConfig
+    keys: list[list[int]] = [[], []]
+
+    def consume(i):
+        for b in iter_batches(iterators[i], 4, epoch=0, drop_last=False):
+            keys[i] += b["key"].tolist()
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert Counter(keys[0] + keys[1]) == Counter(row_key(p) for p in expected.good["train"])
+    assert len(keys[0]) == len(keys[1]) == 20
+
+
+def test_masks_and_crop_boxes_follow_each_view(ray_local, tmp_path):
+    m = write_shards("synthetic_faces", "", str(tmp_path / "syn"), images_per_shard=20, row_group_size=10, parallel=False,
+                     split="train", num_identities=5, images_per_identity=6, size=48)
+    ds = pretrain_dataset(m.uri, image_size=32, with_params=True, with_masks=True, with_keys=True)
+    b = next(iter(iter_batches(ds, 8, epoch=0)))
+    table = pq.read_table(m.shard_uris("train")).to_pylist()
+    masks = {row_key(r["path"]): decode_mask(r["mask"]) for r in table}
+    t = TwoViewTransform(32)
+    assert len({tuple(x) for x in b["box1"].tolist()}) == 8  # per-image crops
+    for i, key in enumerate(b["key"].tolist()):
+        for v in ("1", "2"):
+            x0, y0, x1, y1 = (b[f"box{v}"][i].numpy() * 48).round().astype(int).tolist()
+            params = TwoViewTransform(32).sample(48, 48, np.random.default_rng(0))[0]
+            params = type(params)((x0, y0, x1, y1), bool(b[f"flip{v}"][i]), None, (), False, None, False)
+            assert np.array_equal(b[f"mask{v}"][i].numpy(), t.render_mask(masks[key], params))
+    assert int(b["mask1"].max()) > 0
+
+
+def test_real_faces_on_the_real_decode_path(ray_local, tmp_path):
+    """LFW faces and the astronaut photo as JPEG; views equal the in-process transform bit for bit."""
+    from skimage.data import astronaut
+
+    src = tmp_path / "faces"
+    build_image_folder(src, classes=("face",), per_class=12, splits=("train",))
+    astro = encode_jpeg(astronaut(), quality=90)
+    (src / "train/face/astronaut.jpg").write_bytes(astro)
+    m = write_shards("image_folder", str(src), str(tmp_path / "out"), images_per_shard=8, row_group_size=4, parallel=False)
+    assert m.counts["train"]["total"] == 13 and len(m.skipped) == 2
+    rows = _epoch(pretrain_dataset(m.uri, image_size=64, seed=3, with_keys=True), 0)
+    key = row_key("train/face/astronaut.jpg")
+    decoded = decode_image(astro)
+    from PIL import Image
+    import io
+
+    assert np.abs(decoded.astype(int) - np.asarray(Image.open(io.BytesIO(astro)).convert("RGB"))).mean() < 1.0
+    v1, v2 = TwoViewTransform(64)(decoded, np.random.default_rng([3, 0, 1, key]))
+    assert np.array_equal(rows[key][1], v1.transpose(2, 0, 1)) and np.array_equal(rows[key][2], v2.transpose(2, 0, 1))
+    assert len(rows) == 13
