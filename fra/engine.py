@@ -100,9 +100,9 @@ def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
     values = torch.stack([v.detach().float() for v in losses.values()])
     if bool(torch.isfinite(values).all()):
         return
-    bad = [k for k, v in losses.items() if not math.isfinite(float(v))]
+    bad = [k for k, v in losses.items() if not math.isfinite(float(v.detach()))]
     raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(bad)} "
-                             f"({ {k: float(losses[k]) for k in bad} }); weights left untouched")
+                             f"({ {k: float(losses[k].detach()) for k in bad} }); weights left untouched")
 
 
 def train_step(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, *views: torch.Tensor,

@@ -31,6 +31,13 @@ def resolve_tracking_uri(uri: str, storage_path: str | Path) -> str:
     return f"sqlite:///{root}/mlflow.db"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts next to a local sqlite file (``<dir>/mlartifacts``), not in the process's cwd."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None  # a server decides (proxied artifacts)
+
+
 def with_retries(fn: Callable[[], Any], what: str, attempts: int = 3, delay_s: float = 1.0) -> Any:
     """Call ``fn``; retry transient failures with exponential back-off, then re-raise."""
     for attempt in range(1, attempts + 1):
@@ -61,8 +68,8 @@ def start_run(uri: str, experiment: str, run_key: str, run_name: str, params: di
     """
     client = _client(uri)
     exp = with_retries(lambda: client.get_experiment_by_name(experiment), "get experiment")
-    exp_id = exp.experiment_id if exp else with_retries(lambda: client.create_experiment(experiment),
-                                                        "create experiment")
+    exp_id = exp.experiment_id if exp else with_retries(
+        lambda: client.create_experiment(experiment, artifact_location=artifact_location(uri)), "create experiment")
     found = with_retries(lambda: client.search_runs([exp_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                                     max_results=1), "search runs")
     if found:

@@ -13,6 +13,16 @@ from fra.config import load_config
 from fra.evaluation.fer import FERConfig, evaluate_fer
 from tests.data_layouts import CORRUPT, face_jpeg, face_rgb
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is 2-5x cheaper than two
+    (OpenMP threads spin and wait for each other when the cores are oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 RAFDB = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
 FER2013 = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 
@@ -144,7 +154,12 @@ def tiny_fra_backbone(tmp_path_factory):
                  "synthetic": {"num_identities": 20, "images_per_identity": 8, "size": 48}},
         "run": {"name": "fra_tiny", "storage_path": str(tmp_path_factory.mktemp("pretrain")), "max_steps": 30,
                 "heatmaps_every_epoch": False}})
-    return pretrain_plain(cfg, progress=False).backbone
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # session fixture: set up before the module's one_thread fixture
+    try:
+        return pretrain_plain(cfg, progress=False).backbone
+    finally:
+        torch.set_num_threads(before)
 
 
 ARCFACE_5 = np.array([[38.29, 51.70], [73.53, 51.50], [56.03, 71.74], [41.55, 92.37], [70.73, 92.20]]) / 112

@@ -16,6 +16,15 @@ from fra.evaluation.worker import LoopSpec, make_optimizer, set_lr
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is much cheaper than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_confusion_and_class_metrics():
     labels = [0, 0, 0, 1, 1, 2, 2, 2, 2]
     preds = [0, 0, 1, 1, 2, 2, 2, 2, 0]

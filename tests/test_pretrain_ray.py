@@ -123,6 +123,7 @@ def test_guards_and_placement_callback_units():
 
 # ---- Ray Train ---------------------------------------------------------------------------------
 @pytest.mark.ray
+@pytest.mark.slow
 def test_one_worker_trains_logs_to_mlflow_and_exports(ray_local, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
@@ -152,6 +153,7 @@ def test_one_worker_trains_logs_to_mlflow_and_exports(ray_local, tmp_path, mlflo
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_workers_survive_a_killed_worker_and_an_interrupted_run_continues(ray_local, tmp_path):
     """Attempt 1: rank 1's process is SIGKILLed at step 5 -> Ray restarts both workers from the
     step-4 checkpoint. Attempt 2 crashes at step 9 with no retry left -> the run fails. Running
@@ -177,6 +179,7 @@ def test_two_workers_survive_a_killed_worker_and_an_interrupted_run_continues(ra
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_nan_on_one_worker_stops_all_with_clear_message(ray_local, tmp_path):
     from fra.train.ray_trainer import pretrain_ray
 
