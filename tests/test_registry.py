@@ -322,7 +322,10 @@ def test_training_checkpoint_is_read_with_a_derived_card(tmp_path):
 
 def test_fluent_uri_restores_the_environment(monkeypatch, tmp_path):
     import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
+    # Another test may have set a URI in code; only the environment variable is under test here.
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     with _fluent_uri(f"sqlite:///{tmp_path}/x.db"):
         assert mlflow.get_tracking_uri().startswith("sqlite:")
