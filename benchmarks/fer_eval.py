@@ -39,9 +39,11 @@ def reference_loop(rows, test_rows, args, protocol: str) -> dict:
     from fra.optim.schedules import warmup_cosine_lr
 
     s = args.size
-    train_tf = T.Compose([T.Resize((s, s)), T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.5, 0.5, 0.5)], p=0.5),
+    train_tf = T.Compose([T.Resize((s, s)), T.RandomHorizontalFlip(),
+                          T.RandomApply([T.ColorJitter(0.5, 0.5, 0.5)], p=0.5),
                           T.RandomApply([T.RandomAffine(0, translate=(0.2, 0.2))], p=0.5),
-                          T.RandomApply([T.RandomRotation(10)], p=0.5), T.ToTensor(), T.Normalize(*VGG), T.RandomErasing()])
+                          T.RandomApply([T.RandomRotation(10)], p=0.5), T.ToTensor(), T.Normalize(*VGG),
+                          T.RandomErasing()])
     test_tf = T.Compose([T.Resize((s, s)), T.ToTensor(), T.Normalize(*VGG)])
 
     class Bytes(Dataset):

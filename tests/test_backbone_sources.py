@@ -36,7 +36,8 @@ def test_fra_checkpoint_export_and_directory(tmp_path, fra_model, reference):
     cfg = PretrainConfig(model=CFG)
     opt = torch.optim.SGD(fra_model.parameters(), lr=0.1)
     ckpt = save_checkpoint(tmp_path / "run" / "checkpoint.pt", fra_model, opt, TrainState(step=3), cfg)
-    weights, _ = export_backbone(fra_model, tmp_path / "run" / "export", cfg, 64, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    weights, _ = export_backbone(fra_model, tmp_path / "run" / "export", cfg, 64, mean=(0.1, 0.2, 0.3),
+                                 std=(0.4, 0.5, 0.6))
     for spec, layout in ((ckpt, "fra"), (weights, "fra-backbone"), (tmp_path / "run" / "export", "fra-backbone"),
                          (tmp_path / "run", "fra-backbone")):
         src = resolve_backbone(str(spec))
@@ -51,7 +52,8 @@ def test_official_fra_frl_torchvision_module(tmp_path, fra_model, reference):
     official.update({f"module.encoder_q.{k}": v for k, v in ref_sd.items()})
     torch.save({"epoch": 50, "arch": "FRAB", "state_dict": official}, tmp_path / "fra_official.pth.tar")
     frl = {f"module.base_net.{k}": v for k, v in ref_sd.items()}
-    frl.update({"module.projection_net.net.0.weight": torch.randn(512, 512), "module.prototypes.weight": torch.randn(30, 128)})
+    frl.update({"module.projection_net.net.0.weight": torch.randn(512, 512),
+                "module.prototypes.weight": torch.randn(30, 128)})
     torch.save({"epoch": 200, "state_dict": frl}, tmp_path / "flr_r18.pth")
     tv = tvm.resnet18(num_classes=1000)
     tv.load_state_dict(ref_sd, strict=False)
@@ -71,11 +73,25 @@ def test_random_init_is_seeded():
     assert resolve_backbone("").arch == "resnet50"
 
 
+def _junk(p):
+    (p / "junk.pt").write_bytes(b"not a checkpoint")
+    return str(p / "junk.pt")
+
+
+def _saved(obj, name):
+    def make(p):
+        torch.save(obj, p / name)
+        return str(p / name)
+
+    return make
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda p: str(p / "nope.pt"), "not found"),
-    (lambda p: (p / "junk.pt").write_bytes(b"not a checkpoint") and str(p / "junk.pt"), "not a readable torch checkpoint|refused to load"),
-    (lambda p: torch.save({"state_dict": {"encoder.w": torch.zeros(2)}}, p / "odd.pt") or str(p / "odd.pt"), "unrecognised checkpoint layout"),
-    (lambda p: torch.save({"state_dict": {"m": object()}}, p / "pickle.pt") or str(p / "pickle.pt"), "refused to load"),
+    # NOTE: safe_load words random bytes as "refused to load ... objects other than tensors"
+    (_junk, "not a readable torch checkpoint|refused to load"),
+    (_saved({"state_dict": {"encoder.w": torch.zeros(2)}}, "odd.pt"), "unrecognised checkpoint layout"),
+    (_saved({"state_dict": {"m": object()}}, "pickle.pt"), "refused to load"),
     (lambda p: (p / "empty").mkdir() or str(p / "empty"), "directory holds none"),
 ])
 def test_wrong_sources_fail_clearly(tmp_path, make, match):

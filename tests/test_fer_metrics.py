@@ -50,12 +50,12 @@ def test_summary_headline_best_and_validation():
     hist = [{"epoch": e + 1, "test_confusion": conf(a), "val_confusion": conf(10 - a)} for e, a in enumerate(accs)]
     hist.insert(2, {"epoch": 2.5, "train_loss": 1.0})  # an epoch without evaluation is ignored
     s = M.summarise(hist, ["x", "y"], last_k=5)
-    assert s["top1_last"] == 80.0 and s["top1_mean_last5"] == pytest.approx(64.0)
+    assert s["top1_last"] == 80.0 and s["top1_mean_last_k"] == pytest.approx(64.0)
     assert (s["top1_best"], s["best_epoch"]) == (90.0, 2)  # best on test: the reference's number
     assert (s["val_best_epoch"], s["top1_at_val_best"]) == (1, 30.0)  # selected on validation
     assert s["last"]["top1"] == 80.0 and len(s["top1_curve"]) == 7
     short = M.summarise(hist[:2], ["x", "y"], last_k=5)
-    assert short["last_k"] == 2 and short["top1_mean_last5"] == pytest.approx(60.0)
+    assert short["last_k"] == 2 and short["top1_mean_last_k"] == pytest.approx(60.0)
 
 
 def test_confusion_png(tmp_path):
@@ -95,11 +95,15 @@ def test_config_protocol_defaults_and_validation():
     assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.batch_size, cfg.optim.min_lr) == (100, 5, 256, 1e-6)
     lin = load_config(FERConfig, data={}, overrides=["protocol=linear", "optim.lr=10"])
     assert resolve_optim(lin) == {"optimizer": "sgd", "lr": 10.0, "lr_head": 10.0, "weight_decay": 0.0}
-    assert resolve_amp(cfg.scaling) == "off" and resolve_amp(load_config(FERConfig, data={"scaling": {"use_gpu": True}}).scaling) == "fp16"
-    for bad, match in ((["protocol=knn"], "protocol"), (["optim.lrr=1"], "did you mean"), (["optim.warmup_epochs=200"], "warmup")):
+    gpu = load_config(FERConfig, data={"scaling": {"use_gpu": True}})
+    assert resolve_amp(cfg.scaling) == "off" and resolve_amp(gpu.scaling) == "fp16"
+    bad_values = ((["protocol=knn"], "protocol"), (["optim.lrr=1"], "did you mean"),
+                  (["optim.warmup_epochs=200"], "warmup"))
+    for bad, match in bad_values:
         with pytest.raises(ConfigError, match=match):
             load_config(FERConfig, data={}, overrides=bad)
-    assert iters_per_epoch(12271, 256, 1) == 48 and iters_per_epoch(12271, 256, 2) == 48 and iters_per_epoch(5, 256, 1) == 1
+    assert iters_per_epoch(12271, 256, 1) == iters_per_epoch(12271, 256, 2) == 48
+    assert iters_per_epoch(5, 256, 1) == 1
 
 
 @pytest.mark.parametrize("name", ["fer_rafdb.yaml", "fer_synthetic.yaml"])
@@ -107,7 +111,8 @@ def test_pipeline_yamls_load(name):
     cfg = load_config(FERConfig, PIPELINES / name)
     assert cfg.data.shards and cfg.backbone.source
     if name == "fer_rafdb.yaml":  # the reference RAF-DB fine-tune protocol
-        assert (cfg.protocol, cfg.data.image_size, cfg.optim.batch_size, cfg.optim.epochs) == ("finetune", 224, 256, 100)
+        recipe = (cfg.protocol, cfg.data.image_size, cfg.optim.batch_size, cfg.optim.epochs)
+        assert recipe == ("finetune", 224, 256, 100)
         assert resolve_optim(cfg)["lr"] == 2e-4 and cfg.backbone.arch == "resnet50"
 
 
@@ -164,7 +169,8 @@ def test_linear_loop_leaves_backbone_bit_identical():
 def test_cli_print_config_and_clean_error(tmp_path, capsys):
     from fra.cli.main import main
 
-    assert main(["evaluate", "fer", str(PIPELINES / "fer_synthetic.yaml"), "--print-config", "--set", "optim.lr=2"]) == 0
+    config = str(PIPELINES / "fer_synthetic.yaml")
+    assert main(["evaluate", "fer", config, "--print-config", "--set", "optim.lr=2"]) == 0
     printed = capsys.readouterr().out
     assert "protocol: linear" in printed and "optimizer: sgd" in printed and "lr: 2.0" in printed
     missing = ["evaluate", "fer", str(PIPELINES / "fer_synthetic.yaml"), "--set", f"data.shards={tmp_path}/none"]

@@ -37,9 +37,8 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump({**to_dict(cfg), "resolved_optim": resolve_optim(cfg)}, sort_keys=False), end="")
         return 0
     result = evaluate_fer(cfg, args.backbone, run_name=args.name)
-    k = cfg.run.last_k
     print(f"FER {cfg.protocol} on {cfg.data.shards}: top-1 last {result.top1_last:.2f}%  "
-          f"mean of last {min(k, len(result.summary['top1_curve']))} {result.top1_mean_last5:.2f}%  "
+          f"mean of last {result.summary['last_k']} {result.top1_mean_last5:.2f}%  "
           f"mean-class {result.mean_class_acc:.2f}%  macro-F1 {result.macro_f1:.2f}%  "
           f"[best epoch {result.best_epoch} on test: {result.top1_best:.2f}%]")
     print(f"results: {result.results_path}")

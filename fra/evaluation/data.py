@@ -88,6 +88,8 @@ def fer_datasets(manifest: Manifest, *, image_size: int, train_split: str, test_
 
     if val_split and val_fraction:
         raise ConfigError("set data.val_split or data.val_fraction, not both")
+    if val_split and val_split in (test_split, train_split):
+        raise ConfigError(f"data.val_split={val_split!r} must differ from the train and test splits")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     shards = manifest.uri

@@ -16,6 +16,12 @@ Python API (stable; the tuning and pipeline layers call it):
 ``scaling.num_workers: 0`` runs the loop in this process (Ray Train local mode), still reading
 the shards through Ray Data; ``>= 1`` starts that many Ray Train workers (DDP; SyncBN and fp16
 AMP only with GPUs). Accuracies are in percent.
+
+Metrics (``results.json``, MLflow): the headline is the last-epoch top-1 and the mean over the
+last ``run.last_k`` evaluations, with mean per-class accuracy and macro-F1 of the last epoch;
+``best_epoch_selected_on_test`` is the reference's number (max over epochs of test top-1),
+labelled as such; with ``data.val_fraction`` / ``data.val_split`` the epoch picked on
+validation and its test top-1 are added (``summary.top1_at_val_best``).
 """
 from __future__ import annotations
 
@@ -243,9 +249,9 @@ def evaluate_fer(cfg: FERConfig, backbone_source: Any = None, *, run_name: str |
     log.info("FER %s: %s on %s (%s, %d classes), %d train / %d test rows, %d worker(s)", cfg.protocol,
              backbone.spec, manifest.dataset, test_split, spec.num_classes, sizes["train"], sizes["test"], workers)
     out = _fit(cfg, spec, backbone.state_dict, datasets, run_id, storage)
-    context = {"config": to_dict(cfg), "resolved": {"optim": opt, "test_split": test_split, "amp": spec.amp, "balanced_sampling": balanced,
-                                                    "normalization": {"mean": list(mean), "std": list(std)},
-                                                    "iters_per_epoch": spec.iters_per_epoch},
+    resolved = {"optim": opt, "test_split": test_split, "amp": spec.amp, "balanced_sampling": balanced,
+                "normalization": {"mean": list(mean), "std": list(std)}, "iters_per_epoch": spec.iters_per_epoch}
+    context = {"config": to_dict(cfg), "resolved": resolved,
                "backbone": {**backbone.params(), "detail": backbone.detail},
                "dataset": {"name": manifest.dataset, "uri": manifest.uri, "fingerprint": manifest.fingerprint,
                            "classes": list(manifest.classes), "rows": sizes}}

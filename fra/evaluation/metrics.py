@@ -108,7 +108,7 @@ def summarise(history: list[dict], classes: Sequence[str], last_k: int = 5) -> d
         last_k: how many of the last evaluated epochs the headline mean covers.
 
     Returns:
-        ``top1_last``, ``top1_mean_last{k}`` (headline), ``top1_best`` and ``best_epoch``
+        ``top1_last``, ``top1_mean_last_k`` over ``last_k`` evaluations (headline), ``top1_best`` and ``best_epoch``
         (selected on the test set, the reference's number), the full report of the last epoch
         under ``last``, ``top1_curve`` and, with a validation split, ``val_best_epoch`` and
         ``top1_at_val_best`` (test top-1 at the epoch with the best validation top-1).
@@ -121,7 +121,7 @@ def summarise(history: list[dict], classes: Sequence[str], last_k: int = 5) -> d
     best_epoch, best = max(curve, key=lambda ea: (ea[1], -ea[0]))  # ties: the earliest
     out = {
         "top1_last": curve[-1][1],
-        f"top1_mean_last{last_k}": float(np.mean(tail)),
+        "top1_mean_last_k": float(np.mean(tail)),
         "last_k": len(tail),
         "top1_best": best,
         "best_epoch": best_epoch,

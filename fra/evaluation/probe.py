@@ -137,7 +137,8 @@ def linear_probe_features(backbone: Any, shards: str | None = None, *, train_spl
     else:
         x, y = embed(model, _local(train_data, image_size, batch_size, num_threads, max_rows), mean, std)
         keys = np.random.default_rng(0).integers(0, 2**62, len(y), dtype=np.int64)  # seeded stand-in for path hashes
-        test = lambda: embed(model, _local(test_data, image_size, batch_size, num_threads, max_rows), mean, std)  # noqa: E731
+        def test():
+            return embed(model, _local(test_data, image_size, batch_size, num_threads, max_rows), mean, std)
     num_classes = num_classes or int(y.max()) + 1
     if holdout:
         from fra.evaluation.data import is_val
