@@ -127,9 +127,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Pretraining optimisation (FRA_SPEC §7): LARS, warm-up per step, cosine per epoch."""
+    """Pretraining optimisation.
 
-    optimizer: str = "lars"  # lars | sgd | adamw
+    Defaults are FRA's (FRA_SPEC §7): LARS, warm-up per step, cosine per epoch. FRL's SwAV
+    recipe (FRL_SPEC §1.4) is ``optimizer: larc`` (SGD wrapped in LARC, trust ``lars_eta``,
+    no clipping) with ``schedule: swav`` (per-step warm-up from ``start_warmup``, then cosine
+    per step down to ``final_lr``).
+    """
+
+    optimizer: str = "lars"  # lars | larc | sgd | adamw
+    schedule: str = "fra"  # fra (FRA_SPEC §7) | swav (FRL run.sh)
+    start_warmup: float = 0.0  # schedule=swav: lr at step 0 of the warm-up
+    final_lr: float = 0.0  # schedule=swav: lr at the last step
     lr: float = 0.9  # for the global batch, not scaled (reference behaviour)
     lr_scaling: str = "none"  # none | linear (lr * global_batch / 256)
     weight_decay: float = 1e-6
@@ -142,7 +151,11 @@ class OptimConfig:
     grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_choice("optim.optimizer", self.optimizer, ("lars", "sgd", "adamw"))
+        _check_choice("optim.optimizer", self.optimizer, ("lars", "larc", "sgd", "adamw"))
+        _check_choice("optim.schedule", self.schedule, ("fra", "swav"))
+        if self.start_warmup < 0 or self.final_lr < 0:
+            raise ConfigError(f"optim.start_warmup and optim.final_lr must be >= 0, got "
+                              f"{self.start_warmup} / {self.final_lr}")
         _check_choice("optim.lr_scaling", self.lr_scaling, ("none", "linear"))
         _check_positive("optim.lr", self.lr)
         _check_positive("optim.epochs", self.epochs)
@@ -178,9 +191,13 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     shuffle_buffer: int = 1000
     seed: int = 0
+    # Input normalisation of the views (recorded in the exported model card): auto = FRL's
+    # (ImageNet mean, std 0.228/0.224/0.225) for method=swav, VGGFace2's otherwise.
+    normalization: str = "auto"  # auto | vggface2 | frl | imagenet
 
     def __post_init__(self) -> None:
         _check_choice("data.source", self.source, ("shards", "synthetic"))
+        _check_choice("data.normalization", self.normalization, ("auto", "vggface2", "frl", "imagenet"))
         _check_positive("data.image_size", self.image_size)
 
 
@@ -248,6 +265,21 @@ def effective_lr(optim: OptimConfig) -> float:
     if optim.lr_scaling == "linear":
         return optim.lr * optim.batch_size / 256
     return optim.lr
+
+
+NORMALIZATIONS = {
+    "vggface2": ((0.5231, 0.4044, 0.3489), (0.2536, 0.2194, 0.2070)),  # FRA_SPEC §8
+    "frl": ((0.485, 0.456, 0.406), (0.228, 0.224, 0.225)),  # FRL_SPEC §1.3 (0.228 sic)
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def view_normalization(cfg: "PretrainConfig") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the pretraining views are normalised with (``data.normalization``)."""
+    name = cfg.data.normalization
+    if name == "auto":
+        name = "frl" if cfg.model.method == "swav" else "vggface2"
+    return NORMALIZATIONS[name]
 
 
 def per_worker_batch(global_batch: int, world_size: int) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 
 from fra.config import ModelConfig, OptimConfig, effective_lr
 from fra.errors import FraError
-from fra.optim.schedules import ema_momentum, pretrain_lr
+from fra.optim.schedules import ema_momentum, pretrain_lr, swav_lr
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,23 @@ class Schedule:
     warmup_epochs: int
     base_momentum: float = 0.996
     cosine_per_step: bool = False
+    kind: str = "fra"  # fra | swav (OptimConfig.schedule)
+    start_warmup: float = 0.0
+    final_lr: float = 0.0
 
     @classmethod
     def from_config(cls, optim: OptimConfig, model: ModelConfig, iters_per_epoch: int) -> Schedule:
         return cls(effective_lr(optim), max(1, iters_per_epoch), optim.epochs, optim.warmup_epochs,
-                   model.base_momentum, optim.cosine_per_step)
+                   model.base_momentum, optim.cosine_per_step, optim.schedule, optim.start_warmup, optim.final_lr)
 
     @property
     def total_steps(self) -> int:
         return self.iters_per_epoch * self.epochs
 
     def lr(self, step: int) -> float:
+        if self.kind == "swav":
+            return swav_lr(step, self.iters_per_epoch, self.base_lr, self.epochs, self.warmup_epochs,
+                           self.start_warmup, self.final_lr)
         return pretrain_lr(step, self.iters_per_epoch, self.base_lr, self.epochs, self.warmup_epochs,
                            self.cosine_per_step)
 
@@ -152,9 +158,17 @@ def train_step(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, *vie
 
 
 def batch_views(batch: dict, normalizer: Normalizer) -> list[torch.Tensor]:
-    """``view1``, ``view2`` and any extra multi-crop ``crops`` of a batch, normalised."""
+    """``view1``, ``view2`` and any extra multi-crop views of a batch, normalised.
+
+    Extra views come from a ``crops`` list, or from columns ``crop1`` ... ``cropN`` (the
+    multi-crop stream of :func:`fra.data.stream.pretrain_dataset`), in order.
+    """
     views = [normalizer(batch["view1"]), normalizer(batch["view2"])]
     views += [normalizer(c) for c in batch.get("crops", ())]
+    i = 1
+    while f"crop{i}" in batch:
+        views.append(normalizer(batch[f"crop{i}"]))
+        i += 1
     return views
 
 

@@ -270,6 +270,7 @@ def _read_export(source: str | Path, workdir: Path) -> _Export:
 
 
 def _card_from_checkpoint(obj: Any, arch: str) -> dict:
+    from fra.config import PretrainConfig, from_dict, view_normalization
     from fra.engine import VGGFACE2_MEAN, VGGFACE2_STD
     from fra.train.checkpointing import config_hash
 
@@ -278,9 +279,14 @@ def _card_from_checkpoint(obj: Any, arch: str) -> dict:
     cfg = obj.get("config") if isinstance(obj, dict) else None
     cfg = cfg if isinstance(cfg, dict) else {}
     extra = (obj.get("extra") or {}) if isinstance(obj, dict) else {}
+    mean, std = VGGFACE2_MEAN, VGGFACE2_STD
+    try:
+        mean, std = view_normalization(from_dict(PretrainConfig, cfg))
+    except FraError:  # a config from another version: keep VGGFace2's, the FRA default
+        pass
     return {"format": FRA_BACKBONE_FORMAT, "architecture": arch,
             "input_size": int((cfg.get("data") or {}).get("image_size", 224)),
-            "normalization": {"mean": list(VGGFACE2_MEAN), "std": list(VGGFACE2_STD)},
+            "normalization": {"mean": list(mean), "std": list(std)},
             "config_hash": config_hash(cfg) if cfg else "",
             "data_manifest_fingerprint": str(extra.get("manifest_fingerprint", "")),
             "fra_version": fra.__version__}

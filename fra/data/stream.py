@@ -42,8 +42,8 @@ STATS_NAMESPACE = "fra"
 def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", seed: int = 0, *,
                      augment: dict | None = None, batch_size: int = 64, num_cpus: float = 1.0,
                      shuffle_files: bool = True, with_params: bool = False, with_masks: bool = False,
-                     with_keys: bool = False):
-    """Two-view pretraining stream (FRA_SPEC §8).
+                     with_keys: bool = False, multicrop: dict | None = None):
+    """Two-view pretraining stream (FRA_SPEC §8), or SwAV's multi-crop stream (FRL_SPEC §1.3).
 
     Args:
         shards: shard root or manifest URI (local or ``s3://``...).
@@ -60,11 +60,25 @@ def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", s
         with_masks: also return ``mask1``/``mask2``: the shard's part masks (uint8 (B, S, S))
             co-transformed with each view's crop and flip (shards must have a mask column).
         with_keys: also return ``key`` (int64, :func:`row_key` of the source path).
+        multicrop: :class:`fra.data.multicrop.MultiCropTransform` arguments (``size_crops``,
+            ``nmb_crops``, ``min_scale``, ``max_scale``, ...): SwAV crops instead of FRA's two
+            views; ``image_size``, ``augment``, ``with_params`` and ``with_masks`` do not apply.
 
     Returns:
-        A lazy ``ray.data.Dataset`` of rows ``{"view1", "view2": uint8 (3, S, S), "label": int64}``.
+        A lazy ``ray.data.Dataset`` of rows ``{"view1", "view2": uint8 (3, S, S), "label": int64}``;
+        with ``multicrop``, ``view1``/``view2`` are the first two crops and ``crop1`` ...
+        ``cropN`` the others, in order (:func:`fra.engine.batch_views` reads them all).
     """
     manifest = read_manifest(shards)
+    if multicrop is not None:
+        if with_params or with_masks:
+            raise ValueError("with_params / with_masks are not available with multicrop")
+        ds = _read(manifest, split, ["image", "label", "path"], seed if shuffle_files else None,
+                   shuffle_rows=shuffle_files)
+        _multicrop_transform(tuple(sorted((k, _freeze(v)) for k, v in multicrop.items())))  # bad arguments: fail here
+        kwargs = {"seed": int(seed), "multicrop": dict(multicrop), "with_keys": with_keys}
+        return ds.map_batches(_multicrop_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                              fn_kwargs=kwargs)
     columns = ["image", "label", "path"] + (["mask"] if with_masks else [])
     ds = _read(manifest, split, columns, seed if shuffle_files else None, shuffle_rows=shuffle_files)
     kwargs = {"image_size": int(image_size), "seed": int(seed), "augment": dict(augment or {}),
@@ -204,6 +218,17 @@ def _fer_transform(image_size: int, train: bool, mean: tuple, augment: tuple) ->
     return FERTransform(image_size, train=train, mean=mean, **dict(augment))
 
 
+def _freeze(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+@functools.lru_cache(maxsize=8)
+def _multicrop_transform(args: tuple):
+    from fra.data.multicrop import MultiCropTransform
+
+    return MultiCropTransform(**dict(args))
+
+
 def row_key(path) -> int:
     """Stable non-negative int64 key of a row (hash of its source path); the ``key`` column."""
     return int.from_bytes(hashlib.blake2b(str(path).encode(), digest_size=8).digest(), "little") & (2**63 - 1)
@@ -269,6 +294,36 @@ def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, w
     if with_keys:
         out["key"] = np.asarray(keys, dtype=np.int64)
     return out
+
+
+def _multicrop_batch(batch: dict, *, seed: int, multicrop: dict, with_keys: bool = False) -> dict:
+    transform = _multicrop_transform(tuple(sorted((k, _freeze(v)) for k, v in multicrop.items())))
+    execution = _execution_index()
+    sizes = [size for size, _ in transform.crops]
+    n = len(batch["image"])
+    outs = [np.empty((n, 3, s, s), np.uint8) for s in sizes]
+    labels, keys = [], []
+    for raw, label, path in zip(batch["image"], batch["label"], batch["path"]):
+        key = row_key(path)
+        try:
+            img = decode_pil(bytes(raw))
+        except CorruptImageError as exc:
+            logger.warning("dropping corrupt image %s: %s", path, exc)
+            continue
+        k = len(labels)
+        for out, crop in zip(outs, transform(img, np.random.default_rng([seed, execution, 1, key]))):
+            out[k] = crop.transpose(2, 0, 1)
+        labels.append(int(label))
+        keys.append(key)
+    k = len(labels)
+    if k < n:
+        _count("skipped_corrupt", n - k)
+    cols = {"view1": outs[0][:k], "view2": outs[1][:k]}
+    cols.update({f"crop{i}": o[:k] for i, o in enumerate(outs[2:], start=1)})
+    cols["label"] = np.asarray(labels, dtype=np.int64)
+    if with_keys:
+        cols["key"] = np.asarray(keys, dtype=np.int64)
+    return cols
 
 
 def _fer_batch(batch: dict, *, image_size: int, train: bool, seed: int, mean: tuple, augment: dict,

@@ -118,7 +118,8 @@ class SwAVLoss(nn.Module):
         return logs
 
 
-def swav_collapse_check(loss_value: float, num_prototypes: int, tolerance: float = 0.02) -> bool:
+def swav_collapse_check(loss_value: float, num_prototypes: int, tolerance: float = 0.02, *,
+                        warn: bool = True) -> bool:
     """True (and a warning logged) if the SwAV loss sits at ln K.
 
     With equipartitioned codes, a prediction that ignores the input costs
@@ -130,12 +131,13 @@ def swav_collapse_check(loss_value: float, num_prototypes: int, tolerance: float
         loss_value: the (worker-averaged) ``loss/swav`` value.
         num_prototypes: K.
         tolerance: relative distance to ln K that counts as "at ln K".
+        warn: log the warning (one rank of many passes False).
     """
     ln_k = math.log(num_prototypes)
     if ln_k <= 0 or not math.isfinite(loss_value):
         return False
     collapsed = abs(loss_value - ln_k) <= tolerance * ln_k
-    if collapsed:
+    if collapsed and warn:
         log.warning("SwAV loss %.4f is at ln K = %.4f (K = %d): representations may have collapsed",
                     loss_value, ln_k, num_prototypes)
     return collapsed

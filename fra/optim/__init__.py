@@ -1,8 +1,9 @@
 """Optimisers and schedules for pretraining and evaluation (pure PyTorch)."""
-from fra.optim.lars import LARS, lars_param_groups
-from fra.optim.schedules import ema_momentum, pretrain_lr, warmup_cosine_lr
+from fra.optim.lars import LARC, LARS, lars_param_groups
+from fra.optim.schedules import ema_momentum, pretrain_lr, swav_lr, warmup_cosine_lr
 
-__all__ = ["LARS", "lars_param_groups", "ema_momentum", "pretrain_lr", "warmup_cosine_lr", "build_optimizer"]
+__all__ = ["LARC", "LARS", "lars_param_groups", "ema_momentum", "pretrain_lr", "swav_lr", "warmup_cosine_lr",
+           "build_optimizer"]
 
 
 def build_optimizer(model, optim_cfg):
@@ -13,6 +14,9 @@ def build_optimizer(model, optim_cfg):
         groups = lars_param_groups(model, optim_cfg.weight_decay)
         return LARS(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, eta=optim_cfg.lars_eta)
     params = [p for p in model.parameters() if p.requires_grad]
+    if optim_cfg.optimizer == "larc":
+        return LARC(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay,
+                    trust_coefficient=optim_cfg.lars_eta)
     if optim_cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                weight_decay=optim_cfg.weight_decay)

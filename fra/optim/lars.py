@@ -75,3 +75,40 @@ class LARS(Optimizer):
                     buf.add_(p, alpha=s * wd)
                 p.sub_(buf)
         return loss
+
+
+class LARC(torch.optim.SGD):
+    """SGD wrapped in LARC without clipping: FRL's SwAV optimiser (FRL_SPEC §1.4, apex ``LARC``).
+
+    Per tensor with non-zero weight and gradient norms, before the SGD step:
+    ``g ← trust·‖w‖ / (‖g‖ + λ‖w‖ + 1e-8) · (g + λw)``; then plain torch SGD (momentum,
+    no further weight decay: ``w ← w − lr·buf``, ``buf = μ·buf + g``). Every tensor is
+    adapted (biases and BatchNorm included), as apex does. A tensor whose weight or gradient
+    norm is zero is stepped with its raw gradient and no weight decay, again as apex.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0)
+        for group in self.param_groups:
+            group.setdefault("larc_weight_decay", weight_decay)
+            group.setdefault("trust_coefficient", trust_coefficient)
+            group.setdefault("larc_eps", eps)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            wd, trust, eps = group["larc_weight_decay"], group["trust_coefficient"], group["larc_eps"]
+            w_norm = torch.stack(torch._foreach_norm(params)).tolist()
+            g_norm = torch.stack(torch._foreach_norm(grads)).tolist()
+            for p, g, w, gn in zip(params, grads, w_norm, g_norm):
+                if w == 0 or gn == 0:
+                    continue
+                if wd:
+                    g.add_(p, alpha=wd)
+                g.mul_(trust * w / (gn + w * wd + eps))
+        return super().step(closure)

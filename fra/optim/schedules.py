@@ -23,6 +23,23 @@ def pretrain_lr(step: int, iters_per_epoch: int, base_lr: float, epochs: int, wa
     return base_lr * 0.5 * (1 + math.cos(math.pi * (e - warmup_epochs) / (epochs - warmup_epochs)))
 
 
+def swav_lr(step: int, iters_per_epoch: int, base_lr: float, epochs: int, warmup_epochs: int,
+            start_warmup: float = 0.0, final_lr: float = 0.0) -> float:
+    """FRL / SwAV pretraining LR (FRL_SPEC §1.4), per iteration.
+
+    Warm-up: ``linspace(start_warmup, base_lr, W)[step]`` with ``W = warmup·I`` steps; then
+    ``final + ½(base − final)(1 + cos(π·t/(T − W)))`` with ``t = step − W`` and ``T = epochs·I``.
+    """
+    warm = warmup_epochs * iters_per_epoch
+    if step < warm:
+        return start_warmup + (base_lr - start_warmup) * (step / (warm - 1) if warm > 1 else 1.0)
+    rest = epochs * iters_per_epoch - warm
+    if rest <= 0:
+        return base_lr
+    t = min(step - warm, rest)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * t / rest))
+
+
 def warmup_cosine_lr(step: int, iters_per_epoch: int, base_lr: float, epochs: int, warmup_epochs: float,
                      min_lr: float = 1e-6) -> float:
     """FER schedule (main_fer, §9): per-iteration linear warm-up from 0, then cosine to min_lr."""

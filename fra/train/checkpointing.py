@@ -79,9 +79,18 @@ def config_hash(config: Any) -> str:
 
 
 def export_backbone(model, out_dir: str | Path, config, image_size: int, manifest_fingerprint: str = "",
-                    mean=VGGFACE2_MEAN, std=VGGFACE2_STD, extra_card: dict | None = None) -> tuple[Path, Path]:
-    """Write ``backbone.pt`` (torchvision ResNet names) and ``model_card.json``."""
+                    mean=None, std=None, extra_card: dict | None = None) -> tuple[Path, Path]:
+    """Write ``backbone.pt`` (torchvision ResNet names) and ``model_card.json``.
+
+    ``mean``/``std`` default to the normalisation the views were trained with
+    (:func:`fra.config.view_normalization` of a :class:`PretrainConfig`, else VGGFace2's).
+    """
     import fra
+    from fra.config import PretrainConfig, view_normalization
+
+    if mean is None or std is None:
+        m, s = view_normalization(config) if isinstance(config, PretrainConfig) else (VGGFACE2_MEAN, VGGFACE2_STD)
+        mean, std = mean or m, std or s
 
     out_dir = Path(out_dir)
     sd = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}

@@ -76,17 +76,20 @@ def heatmap_uniformity(model, probe: torch.Tensor) -> float:
 class CollapseDetector:
     """Flags collapse after ``patience`` consecutive suspicious logs.
 
-    Suspicious: the cluster cross-entropy is within ``tol`` (relative) of ln K — the student
-    predicts the uniform distribution whatever the Sinkhorn targets are — or the probe heat
-    maps are near uniform (normalised entropy ≥ 1 − tol).
+    Suspicious: the cluster cross-entropy (FRA; for SwAV the swapped-prediction loss) is within
+    ``tol`` (relative) of ln K — the student predicts the uniform distribution whatever the
+    Sinkhorn targets are — or the probe heat maps are near uniform (normalised entropy ≥ 1 − tol).
 
     Args:
-        num_proto: K.
+        num_proto: K (FRA's regions, or SwAV's prototypes).
         patience: consecutive logs before acting; 0 disables the detector.
         action: "warn" (log once per episode) or "stop" (raise :class:`CollapseError`).
+        keys: the cross-entropy metrics compared with ln K (their mean).
     """
 
-    def __init__(self, num_proto: int, patience: int, action: str = "warn", tol: float = 0.02):
+    def __init__(self, num_proto: int, patience: int, action: str = "warn", tol: float = 0.02,
+                 keys: tuple[str, ...] = ("loss/cluster_ce_v1", "loss/cluster_ce_v2")):
+        self.keys = keys
         self.ln_k = math.log(num_proto)
         self.patience, self.action, self.tol = patience, action, tol
         self.count = 0
@@ -98,9 +101,9 @@ class CollapseDetector:
 
     def suspicious(self, metrics: dict[str, float]) -> str:
         """A reason string if these metrics look collapsed, else ""."""
-        ce = [metrics[k] for k in ("loss/cluster_ce_v1", "loss/cluster_ce_v2") if k in metrics]
+        ce = [metrics[k] for k in self.keys if k in metrics]
         if ce and abs(sum(ce) / len(ce) - self.ln_k) <= self.tol * self.ln_k:
-            return f"cluster cross-entropy {sum(ce) / len(ce):.4f} ≈ ln K = {self.ln_k:.4f}"
+            return f"cross-entropy ({', '.join(self.keys)}) {sum(ce) / len(ce):.4f} ≈ ln K = {self.ln_k:.4f}"
         uni = metrics.get("heatmap_uniformity")
         if uni is not None and uni >= 1 - self.tol:
             return f"heat maps near uniform (normalised entropy {uni:.3f})"

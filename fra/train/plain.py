@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fra.config import PretrainConfig, dump_yaml, effective_lr
-from fra.engine import Normalizer, Schedule, TrainState, VGGFACE2_MEAN, VGGFACE2_STD, train_one_epoch
+from fra.config import PretrainConfig, dump_yaml, effective_lr, view_normalization
+from fra.engine import Normalizer, Schedule, TrainState, train_one_epoch
 from fra.errors import ConfigError
 from fra.losses import build_loss
 from fra.models import build_model
@@ -75,6 +75,9 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
     if cfg.data.source != "synthetic":
         raise ConfigError("the plain runner renders synthetic faces: set data.source=synthetic "
                           "(Parquet shards stream through Ray: run without --plain)")
+    if cfg.model.method == "swav" and cfg.model.swav.total_crops != 2:
+        raise ConfigError(f"the plain runner makes two views; model.swav.nmb_crops={list(cfg.model.swav.nmb_crops)} "
+                          "needs the multi-crop stream: run without --plain (or use one group of 2 crops)")
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
@@ -102,7 +105,8 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
     if ckpt_path.exists():
         state = restore(load_checkpoint(ckpt_path), model, optimizer)
         log.info("resumed from %s at step %d (epoch %d)", ckpt_path, state.step, state.epoch)
-    normalizer = Normalizer(VGGFACE2_MEAN, VGGFACE2_STD)
+    mean, std = view_normalization(cfg)
+    normalizer = Normalizer(mean, std)
     on_log = (lambda m: _progress(m, total)) if progress else None
     t0 = time.perf_counter()
     while state.step < total:
@@ -124,5 +128,5 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
     if cfg.model.method == "fra" and cfg.run.heatmaps_every_epoch:
         probes = synthetic_probe_images(cfg, run_dir / "probe")
         heatmaps = write_overlays(model, probes, run_dir / "heatmaps", cfg.data.image_size,
-                                  VGGFACE2_MEAN, VGGFACE2_STD, mode="batch")
+                                  mean, std, mode="batch")
     return PlainResult(run_dir, ckpt_path, weights, heatmaps, state.history)

@@ -138,8 +138,18 @@ def prepare_data(cfg: PretrainConfig, storage: str):
                      row_group_size=32, num_identities=s["num_identities"], seed=s["seed"], size=s["size"],
                      images_per_identity=s["images_per_identity"], intensity=s["intensity"], jitter=s["jitter"])
     manifest = read_manifest(shards)
-    ds = pretrain_dataset(shards, image_size=cfg.data.image_size, split=cfg.data.split, seed=cfg.data.seed)
+    ds = pretrain_dataset(shards, image_size=cfg.data.image_size, split=cfg.data.split, seed=cfg.data.seed,
+                          multicrop=multicrop_args(cfg))
     return manifest, ds
+
+
+def multicrop_args(cfg: PretrainConfig) -> dict | None:
+    """SwAV's multi-crop transform arguments (``model.swav``), or None for two-view methods."""
+    if cfg.model.method != "swav":
+        return None
+    s = cfg.model.swav
+    return {"size_crops": list(s.size_crops), "nmb_crops": list(s.nmb_crops),
+            "min_scale": list(s.min_scale_crops), "max_scale": list(s.max_scale_crops)}
 
 
 def probe_images(manifest, split: str, size: int, n: int = 4) -> list:
@@ -279,6 +289,9 @@ def _fit(trainer, cfg: PretrainConfig):
     return result
 
 
+FRL_EXPORT = "frl_checkpoint.pth"  # SwAV runs: the model in FRL's release layout
+
+
 def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> RayPretrainResult:
     """Copy the final full checkpoint to ``<run>/final`` and export the backbone + model card."""
     import shutil
@@ -297,6 +310,11 @@ def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> Ray
         rv = result.return_value or {}
         export_backbone(model, local / "export", cfg, cfg.data.image_size, manifest_fingerprint=fingerprint,
                         extra_card={"steps": rv.get("step"), "ray_checkpoint": result.checkpoint.path})
+        if cfg.model.method == "swav":  # also in FRL's release layout (FRL_SPEC §1.6)
+            from fra.models.swav import frl_checkpoint
+            from fra.utils.io import atomic_torch_save
+
+            atomic_torch_save(frl_checkpoint(model, rv.get("epoch", 0)), local / "export" / FRL_EXPORT)
         if "://" in run_dir:
             pafs.copy_files(str(local), run_dir)
         else:

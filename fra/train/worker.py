@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from fra import dist
-from fra.config import PretrainConfig, dump_yaml, from_dict, per_worker_batch
-from fra.engine import NonFiniteLossError, Normalizer, Schedule, TrainState, VGGFACE2_MEAN, VGGFACE2_STD, train_one_epoch
-from fra.losses import FRALoss
-from fra.models import OnlineView, build_model
+from fra.config import PretrainConfig, dump_yaml, from_dict, per_worker_batch, view_normalization
+from fra.engine import NonFiniteLossError, Normalizer, Schedule, TrainState, train_one_epoch
+from fra.losses import build_loss
+from fra.losses.swav import swav_collapse_check
+from fra.models import build_model, online_view
 from fra.optim import build_optimizer
 from fra.tracking import RunLogger
 from fra.train.checkpointing import CHECKPOINT_FILE, load_checkpoint, restore, save_checkpoint
@@ -46,7 +47,7 @@ def train_loop_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()
     model, loss_fn, optimizer, scaler = build_training_objects(cfg, device, rank)
     state = resume(ray.train.get_checkpoint(), model, optimizer, scaler, cfg, rank, config)
-    online = ray.train.torch.prepare_model(OnlineView(model), move_to_device=False)
+    online = ray.train.torch.prepare_model(online_view(model), move_to_device=False)
     hooks = WorkerHooks(cfg, plan, model, optimizer, scaler, rank, world, config, device)
     schedule = Schedule.from_config(cfg.optim, cfg.model, plan["iters_per_epoch"])
     shard = ray.train.get_dataset_shard("train")
@@ -77,7 +78,7 @@ def build_training_objects(cfg: PretrainConfig, device: torch.device, rank: int)
         log.info("model.norm=syncbn ignored on CPU (torch has no CPU SyncBatchNorm): plain BatchNorm per worker")
     model.to(device)
     torch.manual_seed(cfg.run.seed + 7919 * rank)  # per-rank dropout draws
-    loss_fn = SyncedNonFinite(FRALoss.from_config(cfg.model))
+    loss_fn = SyncedNonFinite(build_loss(cfg.model))
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cuda") if cfg.scaling.amp == "fp16" and device.type == "cuda" else None
     return model, loss_fn, optimizer, scaler
@@ -140,11 +141,16 @@ class WorkerHooks:
     def __init__(self, cfg, plan, model, optimizer, scaler, rank, world, config, device):
         self.cfg, self.plan, self.model, self.optimizer, self.scaler = cfg, plan, model, optimizer, scaler
         self.rank, self.world, self.inject = rank, world, config.get("inject") or {}
-        self._normalize = Normalizer(VGGFACE2_MEAN, VGGFACE2_STD, device)
+        self.mean, self.std = view_normalization(cfg)
+        self._normalize = Normalizer(self.mean, self.std, device)
         self._poison = False
         ml = config.get("mlflow") or {}
         self.tracker = RunLogger(ml.get("uri", ""), ml.get("run_id", ""), enabled=rank == 0)
-        self.detector = CollapseDetector(cfg.model.num_proto, cfg.run.collapse_patience, cfg.run.collapse_action)
+        if cfg.model.method == "swav":
+            self.detector = CollapseDetector(cfg.model.swav.num_prototypes, cfg.run.collapse_patience,
+                                             cfg.run.collapse_action, keys=("loss/swav",))
+        else:
+            self.detector = CollapseDetector(cfg.model.num_proto, cfg.run.collapse_patience, cfg.run.collapse_action)
         self.probe_images = config.get("probe") or []
         self.probe = None
         if self.probe_images and cfg.model.method == "fra":
@@ -175,7 +181,7 @@ class WorkerHooks:
             return
         self.tracker.log_metrics(metrics, metrics["step"])
         parts = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4f}" for k in
-                         ("loss", "loss/inst", "loss/region", "loss/cluster") if k in metrics)
+                         ("loss", "loss/inst", "loss/region", "loss/cluster", "loss/swav") if k in metrics)
         log.info("step %d/%d epoch %d %s lr=%.4g ema=%.5f %.1f img/s data-wait %.0f%%", metrics["step"],
                  self.plan["total_steps"], metrics["epoch"] + 1, parts, metrics["lr"], metrics["momentum"],
                  metrics["images_per_s"], 100 * metrics["data_wait_frac"])
@@ -184,6 +190,12 @@ class WorkerHooks:
         if state.step >= (state.epoch + 1) * self.plan["iters_per_epoch"]:
             state.epoch += 1
         stats = _all_reduce_metrics(dict(stats))
+        swav = self.cfg.model.swav
+        if self.cfg.model.method == "swav" and state.step > swav.freeze_prototypes_iters and "loss/swav" in stats:
+            # FRL_SPEC §1.2: a SwAV loss sitting at ln K once the prototypes are released means
+            # collapse; rank 0 warns (the stats are worker averages, so every rank agrees).
+            stats["swav_collapse"] = float(swav_collapse_check(stats["loss/swav"], swav.num_prototypes,
+                                                               warn=self.rank == 0))
         state.history.append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
         if self.rank == 0:
             self.tracker.log_metrics({f"epoch/{k}": v for k, v in stats.items()}, state.step)
@@ -235,7 +247,7 @@ class WorkerHooks:
             Image.fromarray(img).save(paths[-1])
         out = tmp / f"epoch_{state.epoch:03d}"
         # "proto" heat maps need no collective, so rank 0 can draw them alone.
-        write_overlays(self.model, paths, out, self.cfg.data.image_size, VGGFACE2_MEAN, VGGFACE2_STD, mode="proto")
+        write_overlays(self.model, paths, out, self.cfg.data.image_size, self.mean, self.std, mode="proto")
         self.tracker.log_artifact(out, f"heatmaps/{out.name}", cleanup=tmp)
 
     def _maybe_inject(self, state: TrainState) -> None:
