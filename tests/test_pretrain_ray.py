@@ -146,6 +146,10 @@ def test_one_worker_trains_logs_to_mlflow_and_exports(ray_local, tmp_path, mlflo
     assert run.data.params["derived.global_batch"] == "8" and run.data.params["model.backbone"] == "resnet18"
     assert {"loss", "loss.cluster", "lr", "momentum", "images_per_s", "data_wait_frac"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == rv["step"] // 2
+    region = card["region_awareness"]  # synthetic faces carry part masks: the score is logged
+    assert 0 <= region["miou"] <= 1 and 0 <= region["random_miou"] <= 1 and region["n_images"] > 0
+    assert run.data.metrics["region.miou"] == pytest.approx(region["miou"])
+    assert "region.init_miou" in run.data.metrics and "region.random_nmi" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "heatmaps", "final"} <= arts
     epochs = {a.path for a in client.list_artifacts(run.info.run_id, "heatmaps")}

@@ -75,6 +75,7 @@ class RayPretrainResult:
     tracking_uri: str
     mlflow_run_id: str
     manifest_fingerprint: str
+    region_score: dict | None = None  # FRA on synthetic faces: region-awareness vs ground-truth parts
 
 
 # ---- checks before any work ------------------------------------------------------------------
@@ -259,6 +260,11 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
         else:
             os.environ[START_TIMEOUT_ENV] = saved_env
     out = finalize(cfg, result, run_dir, manifest.fingerprint)
+    if run_id and out.region_score:
+        region_log = tracking.RunLogger(uri, run_id)
+        region_log.log_metrics({f"region/{k}": v for k, v in out.region_score.items() if k != "n_images"},
+                               out.return_value.get("step", 0))
+        region_log.close()
     if run_id:
         if not remote:
             for p in (out.model_card, Path(out.checkpoint).parent / "config.yaml"):
@@ -308,8 +314,12 @@ def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> Ray
         model = build_model(cfg.model)
         restore(load_checkpoint(local / "final" / CHECKPOINT_FILE), model, restore_rng=False)
         rv = result.return_value or {}
+        region = region_score(cfg, model)
+        extra = {"steps": rv.get("step"), "ray_checkpoint": result.checkpoint.path}
+        if region:
+            extra["region_awareness"] = region
         export_backbone(model, local / "export", cfg, cfg.data.image_size, manifest_fingerprint=fingerprint,
-                        extra_card={"steps": rv.get("step"), "ray_checkpoint": result.checkpoint.path})
+                        extra_card=extra)
         if cfg.model.method == "swav":  # also in FRL's release layout (FRL_SPEC §1.6)
             from fra.models.swav import frl_checkpoint
             from fra.utils.io import atomic_torch_save
@@ -321,4 +331,39 @@ def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> Ray
             for sub in ("final", "export"):
                 shutil.copytree(local / sub, Path(run_dir) / sub, dirs_exist_ok=True)
     return RayPretrainResult(run_dir, f"{run_dir}/final/{CHECKPOINT_FILE}", f"{run_dir}/export/backbone.pt",
-                             f"{run_dir}/export/model_card.json", rv, "", "", fingerprint)
+                             f"{run_dir}/export/model_card.json", rv, "", "", fingerprint, region)
+
+
+REGION_SCORE_IMAGES = 48
+
+
+def region_score(cfg: PretrainConfig, model) -> dict | None:
+    """Region-awareness of a finished FRA model on held-out synthetic faces (issue #8 §3).
+
+    Only runs with ground-truth part masks are scored: FRA on rendered synthetic faces
+    (``data.source: synthetic``); the test identities of the same generator are used. Returns
+    the headline numbers (matched mIoU, NMI) with the random-init model's and random heat
+    maps' as baselines, or None.
+    """
+    if cfg.model.method != "fra" or cfg.data.source != "synthetic":
+        return None
+    from fra.config import view_normalization
+    from fra.data.synthetic import SyntheticFaces
+    from fra.evaluation.region_score import score_model
+
+    s = cfg.data.synthetic
+    spec = SyntheticFaces(num_identities=s.num_identities, images_per_identity=s.images_per_identity, size=s.size,
+                          seed=s.seed, intensity=tuple(s.intensity), jitter=s.jitter)
+    mean, std = view_normalization(cfg)
+    n = min(REGION_SCORE_IMAGES, spec.split_size("test"))
+    if n == 0:
+        log.warning("region-awareness score skipped: the synthetic test split is empty")
+        return None
+    out = score_model(model.eval(), spec, n, cfg.data.image_size, mean, std, baseline=True, seed=cfg.run.seed)
+    keys = ("miou", "best_iou", "nmi", "init_miou", "init_best_iou", "init_nmi", "random_miou", "random_best_iou",
+            "random_nmi", "n_images")
+    score = {k: out[k] for k in keys if k in out}
+    log.info("region awareness on %d held-out faces: mIoU %.3f (random init %.3f, random maps %.3f), "
+             "NMI %.3f (random init %.3f)", score["n_images"], score["miou"], score["init_miou"],
+             score["random_miou"], score["nmi"], score["init_nmi"])
+    return score
