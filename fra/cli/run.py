@@ -28,7 +28,7 @@ def summary(cfg, outputs: dict) -> str:
     if "evaluate" in outputs:
         e = outputs["evaluate"]
         lines.append(f"  FER top-1 (mean of last evals) {e['top1_mean_last5']:.2f}%, last {e['top1_last']:.2f}%, "
-                     f"best epoch {e['top1_best']:.2f}% (test-selected), macro-F1 {e['macro_f1']:.3f}")
+                     f"best epoch {e['top1_best']:.2f}% (test-selected), macro-F1 {e['macro_f1']:.2f}%")
         lines.append(f"  FER results: {e['results_path']}")
     if "register" in outputs:
         r = outputs["register"]
@@ -43,8 +43,21 @@ def summary(cfg, outputs: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fra.benchmark import is_benchmark_file
     from fra.pipeline import load_pipeline, run_pipeline
 
+    if is_benchmark_file(args.pipeline):  # kind: benchmark (pipelines/benchmark_synthetic.yaml)
+        from fra.benchmark import load_benchmark, run_benchmark
+
+        bench = load_benchmark(args.pipeline, args.overrides)
+        if args.dry_run:
+            print(f"benchmark {bench.name} is valid: {len(bench.methods)} methods x {len(bench.seeds)} seeds, "
+                  f"protocols {list(bench.evaluate)}")
+            return 0
+        if args.restart:
+            (Path(bench.storage_path) / "benchmark_state.json").unlink(missing_ok=True)
+        run_benchmark(bench)
+        return 0
     cfg = load_pipeline(args.pipeline, args.overrides)
     if args.dry_run:
         print(f"pipeline {cfg.name} is valid: stages {cfg.stages}")
