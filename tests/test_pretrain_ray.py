@@ -189,8 +189,9 @@ def test_nan_on_one_worker_stops_all_with_clear_message(ray_local, tmp_path):
 
     cfg = tiny_config(tmp_path, "nan", "scaling.num_workers=2", "scaling.max_failures=3",
                       "run.checkpoint_every=2", "optim.epochs=1")
-    with pytest.raises(FraError, match=r"non-finite loss at step 3: .*loss.*last good checkpoint: .*checkpoint_"):
+    with pytest.raises(FraError, match=r"non-finite loss at step 3: .*loss.*last good checkpoint: .*checkpoint_") as exc:
         pretrain_ray(cfg, inject={"nan_at_step": 3, "nan_rank": 1})
+    assert exc.value.status == "nonfinite"  # what a Tune trial reads to record a diverged setting
     assert max(checkpoint_steps(tmp_path / "nan")) == 2  # kept; no retry burnt on a NaN
 
 

@@ -291,8 +291,17 @@ def _fit(trainer, cfg: PretrainConfig):
     rv = result.return_value or {}
     if rv.get("status") != "finished":
         where = result.checkpoint.path if result.checkpoint else "none"
-        raise FraError(f"{rv.get('message', 'training stopped')} — last good checkpoint: {where}")
+        raise TrainingStopped(f"{rv.get('message', 'training stopped')} — last good checkpoint: {where}",
+                              rv.get("status", "unknown"), where)
     return result
+
+
+class TrainingStopped(FraError):
+    """A guard ended the run on every worker (``status``: nonfinite or collapse); not retried."""
+
+    def __init__(self, message: str, status: str, checkpoint: str):
+        super().__init__(message)
+        self.status, self.checkpoint = status, checkpoint
 
 
 FRL_EXPORT = "frl_checkpoint.pth"  # SwAV runs: the model in FRL's release layout

@@ -16,8 +16,6 @@ same code as ``fra evaluate fer``) on the pretrained backbone, and reports the o
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import logging
 import os
@@ -208,39 +206,11 @@ def pretrain_or_reuse(cfg, callbacks: list) -> dict:
         log.info("%s: pretraining already finished; reusing %s", cfg.run.name, export)
         return {"run_dir": str(run_dir), "export_dir": str(export), "backbone": str(export / "backbone.pt"),
                 "epoch": cfg.optim.epochs, "reused": True}
-    if "callbacks" in inspect.signature(ray_trainer.pretrain_ray).parameters:
-        out = ray_trainer.pretrain_ray(cfg, callbacks=callbacks)
-    else:
-        with _extra_train_callbacks(callbacks):
-            out = ray_trainer.pretrain_ray(cfg)
+    out = ray_trainer.pretrain_ray(cfg, callbacks=callbacks)
     rv = out.return_value or {}
     return {"run_dir": str(out.run_dir), "export_dir": str(Path(out.backbone).parent), "backbone": out.backbone,
             "checkpoint": out.checkpoint, "epoch": int(rv.get("epoch", cfg.optim.epochs)),
             "steps": rv.get("step"), "reused": False}
-
-
-@contextlib.contextmanager
-def _extra_train_callbacks(callbacks: list):
-    """Add ``callbacks`` to the Train ``RunConfig`` built inside ``pretrain_ray``.
-
-    NOTE: a stop-gap until ``pretrain_ray`` takes ``callbacks=``. It swaps ``ray.train.RunConfig``
-    (looked up at call time there) for a one-shot stand-in in this trial process; the original is
-    back before ``fit()`` (Ray fails to serialize the run context while the stand-in is installed).
-    """
-    import ray.train
-
-    original = ray.train.RunConfig
-
-    def run_config(*args, **kwargs):
-        ray.train.RunConfig = original
-        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + list(callbacks)
-        return original(*args, **kwargs)
-
-    ray.train.RunConfig = run_config
-    try:
-        yield
-    finally:
-        ray.train.RunConfig = original
 
 
 __all__ = ["TrialSetup", "ProxyReport", "fra_trial", "trial_pretrain_config", "trial_fer_config", "fer_metrics",
