@@ -178,6 +178,7 @@ class SyntheticConfig:
     seed: int = 0
     intensity: tuple[float, float] = (0.6, 1.1)
     jitter: float = 0.08
+    align: bool = False  # similarity-align faces on their 5 landmarks (fra.data.synthetic.align_face)
 
 
 @dataclass(frozen=True)

@@ -193,3 +193,22 @@ def test_dataset_card_matches_the_generator():
 def test_module_does_not_import_torch():
     code = "import sys, fra.data.synthetic; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_aligned_faces_sit_on_the_template_with_their_masks():
+    from fra.data.synthetic import ALIGN_TEMPLATE, PARTS, SyntheticFaces
+
+    raw = SyntheticFaces(num_identities=6, images_per_identity=7, size=64, seed=5)
+    aligned = SyntheticFaces(num_identities=6, images_per_identity=7, size=64, seed=5, align=True)
+    eyes = PARTS.index("eyes")
+    spread_raw, spread_aligned = [], []
+    for i in range(6):
+        a, r = aligned.sample(i, 2), raw.sample(i, 2)
+        assert a["label"] == r["label"] and a["image"].shape == r["image"].shape
+        assert np.abs(a["landmarks"] - ALIGN_TEMPLATE * 64).max() < 3.0  # a similarity fit of 5 points
+        for x, y in a["landmarks"][:2].round().astype(int):  # the mask moved with the image
+            assert (a["mask"][y - 1:y + 2, x - 1:x + 2] == eyes).any()
+        spread_raw.append(r["landmarks"][0])
+        spread_aligned.append(a["landmarks"][0])
+    assert np.std(spread_aligned, axis=0).max() < 0.25 * np.std(spread_raw, axis=0).max()
+    assert not np.array_equal(aligned.sample(0, 0)["image"], raw.sample(0, 0)["image"])

@@ -208,6 +208,7 @@ class SyntheticFaces:
     jitter: float = 0.08
     clutter: bool = True
     split_fractions: tuple[float, float, float] = (0.8, 0.0, 0.2)
+    align: bool = False  # similarity-align on the 5 landmarks, like RAF-DB's aligned crops
 
     def __post_init__(self):
         for name in ("num_identities", "images_per_identity"):
@@ -272,6 +273,8 @@ class SyntheticFaces:
         rng = np.random.default_rng([self.seed, identity_id, index])
         image, mask, landmarks = render(self.identity_params(identity_id), label, rng, size=self.size,
                                         clutter=self.clutter, intensity=self.intensity, jitter=self.jitter)
+        if self.align:
+            image, mask, landmarks = align_face(image, mask, landmarks)
         return {"image": image, "mask": mask, "landmarks": landmarks, "label": label,
                 "identity": int(identity_id), "index": int(index)}
 
@@ -280,6 +283,44 @@ class SyntheticFaces:
         for identity_id in self.identities(split):
             for index in range(self.images_per_identity):
                 yield self.sample(identity_id, index)
+
+
+# The 5-point template of 112x112 aligned face crops (eyes, nose tip, mouth corners), in
+# fractions of the side: the ArcFace / InsightFace convention RAF-DB-style aligned sets follow.
+ALIGN_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                           [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64) / 112.0
+
+
+def align_face(image: np.ndarray, mask: np.ndarray, landmarks: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Similarity-align a face on its 5 landmarks to :data:`ALIGN_TEMPLATE` (same output size).
+
+    Least-squares rotation + uniform scale + translation mapping the landmarks onto the
+    template; the image is resampled bilinearly, the part mask with nearest neighbour.
+
+    Args:
+        image: uint8 (S, S, 3); mask: uint8 (S, S); landmarks: (5, 2) pixel coordinates.
+    Returns:
+        (image, mask, landmarks) in the aligned frame.
+    """
+    side = image.shape[0]
+    dst = ALIGN_TEMPLATE * side
+    src = np.asarray(landmarks, dtype=np.float64)
+    # Output pixel (x, y) samples the source at (a x - b y + tx, b x + a y + ty): solve for the
+    # inverse map template -> source directly, which is what PIL's AFFINE transform takes.
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(dst, src):
+        rows += [[x, -y, 1.0, 0.0], [y, x, 0.0, 1.0]]
+        rhs += [u, v]
+    a, b, tx, ty = np.linalg.lstsq(np.asarray(rows), np.asarray(rhs), rcond=None)[0]
+    coeffs = (a, -b, tx, b, a, ty)
+    out = np.asarray(Image.fromarray(image).transform((side, side), Image.AFFINE, coeffs, Image.BILINEAR))
+    out_mask = np.asarray(Image.fromarray(mask).transform((side, side), Image.AFFINE, coeffs, Image.NEAREST))
+    # Forward map of the landmarks: invert [[a, -b], [b, a]].
+    det = a * a + b * b
+    d = src - np.array([tx, ty])
+    lm = np.stack([(a * d[:, 0] + b * d[:, 1]) / det, (-b * d[:, 0] + a * d[:, 1]) / det], axis=1)
+    return out, out_mask, lm.astype(np.float32)
 
 
 # Mask colours for people looking at contact sheets, indexed like PARTS.

@@ -86,7 +86,7 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
 
     s = cfg.data.synthetic
     spec = SyntheticFaces(num_identities=s.num_identities, images_per_identity=s.images_per_identity,
-                          size=s.size, seed=s.seed, intensity=tuple(s.intensity), jitter=s.jitter)
+                          size=s.size, seed=s.seed, intensity=tuple(s.intensity), jitter=s.jitter, align=s.align)
     loader = LocalTwoViewLoader(spec, batch_size=cfg.optim.batch_size, image_size=cfg.data.image_size,
                                 seed=cfg.data.seed)
     iters = len(loader)

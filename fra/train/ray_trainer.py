@@ -137,7 +137,8 @@ def prepare_data(cfg: PretrainConfig, storage: str):
         shards = f"{storage.rstrip('/')}/_shards/synthetic_{key}"
         write_shards("synthetic_faces", "", shards, split=cfg.data.split, images_per_shard=256,
                      row_group_size=32, num_identities=s["num_identities"], seed=s["seed"], size=s["size"],
-                     images_per_identity=s["images_per_identity"], intensity=s["intensity"], jitter=s["jitter"])
+                     images_per_identity=s["images_per_identity"], intensity=s["intensity"], jitter=s["jitter"],
+                     align=s["align"])
     manifest = read_manifest(shards)
     ds = pretrain_dataset(shards, image_size=cfg.data.image_size, split=cfg.data.split, seed=cfg.data.seed,
                           multicrop=multicrop_args(cfg))
@@ -362,7 +363,7 @@ def region_score(cfg: PretrainConfig, model) -> dict | None:
 
     s = cfg.data.synthetic
     spec = SyntheticFaces(num_identities=s.num_identities, images_per_identity=s.images_per_identity, size=s.size,
-                          seed=s.seed, intensity=tuple(s.intensity), jitter=s.jitter)
+                          seed=s.seed, intensity=tuple(s.intensity), jitter=s.jitter, align=s.align)
     mean, std = view_normalization(cfg)
     n = min(REGION_SCORE_IMAGES, spec.split_size("test"))
     if n == 0:

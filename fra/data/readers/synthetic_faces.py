@@ -4,7 +4,8 @@ Images are stored as JPEG (quality option ``jpeg_quality``, default 90), with th
 PNG and the 5 landmarks. Generator settings come from the card (``splits.num_identities``,
 ``splits.images_per_identity``, ``splits.fractions``) and can be overridden by reader options:
 ``num_identities``, ``images_per_identity``, ``size``, ``seed``, ``intensity``, ``jitter``,
-``clutter``, ``split_fractions``.
+``clutter``, ``split_fractions``, ``align`` (similarity-align each face on its 5 landmarks, like
+RAF-DB's aligned crops).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fra.data.decode import encode_jpeg, encode_png
 from fra.data.readers.base import Reader, Record, Scan
 
 _SPEC_KEYS = ("num_identities", "images_per_identity", "size", "seed", "intensity", "jitter", "clutter",
-              "split_fractions")
+              "split_fractions", "align")
 
 
 class SyntheticFacesReader(Reader):
