@@ -166,3 +166,18 @@ def test_byol_trains_through_the_same_pipeline(ray_local, tmp_path):
     assert h["loss"] == pytest.approx(h["loss/inst"], rel=1e-5)  # the instance branch alone
     card = json.loads(Path(out.model_card).read_text())
     assert card["method"] == "byol" and card["normalization"]["std"] == list(NORMALIZATIONS["vggface2"][1])
+
+
+def test_frl_recipe_file_is_run_sh():
+    from fra.train.ray_trainer import multicrop_args
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "pretrain_frl_swav.yaml"
+    cfg = load_pretrain_config(str(path), [], None)
+    s, o = cfg.model.swav, cfg.optim
+    assert (cfg.model.method, cfg.model.backbone, s.num_prototypes, s.freeze_prototypes_iters, s.queue_length) == \
+        ("swav", "resnet50", 3000, 313, 0)
+    assert (o.optimizer, o.schedule, o.lr, o.start_warmup, o.final_lr, o.epochs, o.warmup_epochs, o.weight_decay) == \
+        ("larc", "swav", 4.8, 0.3, 0.0048, 400, 10, 1e-6)
+    assert multicrop_args(cfg) == {"size_crops": [224, 96], "nmb_crops": [2, 6], "min_scale": [0.14, 0.05],
+                                   "max_scale": [1.0, 0.14]}
+    assert view_normalization(cfg) == NORMALIZATIONS["frl"]
