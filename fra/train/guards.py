@@ -85,11 +85,13 @@ class CollapseDetector:
         patience: consecutive logs before acting; 0 disables the detector.
         action: "warn" (log once per episode) or "stop" (raise :class:`CollapseError`).
         keys: the cross-entropy metrics compared with ln K (their mean).
+        label: what they are called in the message.
     """
 
     def __init__(self, num_proto: int, patience: int, action: str = "warn", tol: float = 0.02,
-                 keys: tuple[str, ...] = ("loss/cluster_ce_v1", "loss/cluster_ce_v2")):
-        self.keys = keys
+                 keys: tuple[str, ...] = ("loss/cluster_ce_v1", "loss/cluster_ce_v2"),
+                 label: str = "cluster cross-entropy"):
+        self.keys, self.label = keys, label
         self.ln_k = math.log(num_proto)
         self.patience, self.action, self.tol = patience, action, tol
         self.count = 0
@@ -103,7 +105,7 @@ class CollapseDetector:
         """A reason string if these metrics look collapsed, else ""."""
         ce = [metrics[k] for k in self.keys if k in metrics]
         if ce and abs(sum(ce) / len(ce) - self.ln_k) <= self.tol * self.ln_k:
-            return f"cross-entropy ({', '.join(self.keys)}) {sum(ce) / len(ce):.4f} ≈ ln K = {self.ln_k:.4f}"
+            return f"{self.label} {sum(ce) / len(ce):.4f} ≈ ln K = {self.ln_k:.4f}"
         uni = metrics.get("heatmap_uniformity")
         if uni is not None and uni >= 1 - self.tol:
             return f"heat maps near uniform (normalised entropy {uni:.3f})"

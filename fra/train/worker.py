@@ -148,7 +148,8 @@ class WorkerHooks:
         self.tracker = RunLogger(ml.get("uri", ""), ml.get("run_id", ""), enabled=rank == 0)
         if cfg.model.method == "swav":
             self.detector = CollapseDetector(cfg.model.swav.num_prototypes, cfg.run.collapse_patience,
-                                             cfg.run.collapse_action, keys=("loss/swav",))
+                                             cfg.run.collapse_action, keys=("loss/swav",),
+                                             label="SwAV swapped-prediction loss")
         else:
             self.detector = CollapseDetector(cfg.model.num_proto, cfg.run.collapse_patience, cfg.run.collapse_action)
         self.probe_images = config.get("probe") or []
