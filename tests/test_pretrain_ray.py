@@ -37,7 +37,8 @@ def tiny_config(tmp_path: Path, name: str, *overrides: str, storage: Path | None
 
 
 def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
-    """Ray checkpoints of a run by training step."""
+    """Ray checkpoints of a run by training step: the folders directly under the run (a finished run
+    has set aside any that the controller never registered)."""
     out = {}
     for d in sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()):
         ck = torch.load(d / "checkpoint.pt", weights_only=True)
@@ -119,6 +120,29 @@ def test_guards_and_placement_callback_units():
     time.sleep(0.1)
     with pytest.raises(PlacementTimeoutError, match="placement_timeout_s=0.05"):
         cb.after_controller_state_update(scheduling, scheduling)
+
+
+def test_checkpoint_copies_cut_short_by_a_lost_node_are_set_aside(tmp_path, caplog):
+    """A node lost while Ray copied its checkpoint leaves a truncated, never-registered folder."""
+    from fra.train.ray_trainer import SNAPSHOT_FILE, UNREGISTERED_DIR, set_aside_unregistered_checkpoints
+
+    run = tmp_path / "run"
+    for name, data in (("checkpoint_a", b"whole"), ("checkpoint_b", b"cut"), ("checkpoint_c", b"whole")):
+        (run / name).mkdir(parents=True)
+        (run / name / "checkpoint.pt").write_bytes(data)
+    snap = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a", "metrics": {"step": 4}},
+                                   {"checkpoint_dir_name": "checkpoint_c", "metrics": {"step": 8}}],
+            "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_c", "metrics": {"step": 8}}}
+    (run / SNAPSHOT_FILE).write_text(json.dumps(snap))
+    with caplog.at_level("WARNING"):
+        moved = set_aside_unregistered_checkpoints(run)
+    assert moved == [run / UNREGISTERED_DIR / "checkpoint_b"]
+    assert (moved[0] / "checkpoint.pt").read_bytes() == b"cut"  # kept, not deleted
+    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_a", "checkpoint_c"]
+    assert "never registered" in caplog.text and "checkpoint_b" in caplog.text
+    assert set_aside_unregistered_checkpoints(run) == []  # idempotent
+    (run / SNAPSHOT_FILE).write_text("{not json")
+    assert set_aside_unregistered_checkpoints(run) == [] and (run / "checkpoint_a").is_dir()
 
 
 # ---- Ray Train ---------------------------------------------------------------------------------

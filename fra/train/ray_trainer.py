@@ -260,6 +260,8 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
             os.environ.pop(START_TIMEOUT_ENV, None)
         else:
             os.environ[START_TIMEOUT_ENV] = saved_env
+    if "://" not in run_dir:
+        set_aside_unregistered_checkpoints(Path(run_dir))
     out = finalize(cfg, result, run_dir, manifest.fingerprint)
     if run_id and out.region_score:
         region_log = tracking.RunLogger(uri, run_id)
@@ -295,6 +297,41 @@ def _fit(trainer, cfg: PretrainConfig):
         raise TrainingStopped(f"{rv.get('message', 'training stopped')} — last good checkpoint: {where}",
                               rv.get("status", "unknown"), where)
     return result
+
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
+UNREGISTERED_DIR = "unregistered_checkpoints"
+
+
+def set_aside_unregistered_checkpoints(run_dir: Path) -> list[Path]:
+    """Move ``checkpoint_*`` folders the Train controller never registered out of the run folder.
+
+    Ray copies a reported checkpoint into ``<run>/checkpoint_<time>`` and registers it only when the
+    copy is complete; a node lost mid-copy leaves a partial folder (a truncated ``checkpoint.pt``)
+    that Ray ignores on resume but a person or script listing the run would not. After a finished
+    fit nothing is in flight, so every unregistered folder is such a leftover: it is moved (not
+    deleted) to ``<run>/unregistered_checkpoints/`` and named in a warning.
+    """
+    try:
+        snap = json.loads((run_dir / SNAPSHOT_FILE).read_text())
+        registered = {c["checkpoint_dir_name"] for c in snap["checkpoint_results"]}
+        latest = snap.get("latest_checkpoint_result") or {}
+        if latest.get("checkpoint_dir_name"):
+            registered.add(latest["checkpoint_dir_name"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("cannot read %s (%s); left checkpoint folders as they are", run_dir / SNAPSHOT_FILE, exc)
+        return []
+    moved = []
+    for d in sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name not in registered):
+        dest = run_dir / UNREGISTERED_DIR / d.name
+        dest.parent.mkdir(exist_ok=True)
+        d.rename(dest)
+        moved.append(dest)
+    if moved:
+        log.warning("moved %d checkpoint folder(s) that Ray never registered (a copy cut short by a lost "
+                    "worker or node) to %s: %s", len(moved), run_dir / UNREGISTERED_DIR,
+                    ", ".join(p.name for p in moved))
+    return moved
 
 
 class TrainingStopped(FraError):
