@@ -1,12 +1,15 @@
 """Data-path throughput and memory: fra's Ray Data pipeline vs. the reference's DataLoader.
 
 Images/s of "decode + two pretraining views", at each image size, for
-  (a) fra: Ray Data ``read_parquet`` -> ``map_batches`` (simplejpeg + the fused PIL transform,
+  (a) fra: Ray Data ``read_parquet`` -> ``map_batches`` (simplejpeg + the fused PIL/OpenCV transform,
       uint8 views) -> ``iter_batches`` (torch), second (warm) epoch;
   (a0) the same transform in one process, no Ray (what (a) costs without Ray's overhead);
   (b) the reference: torch ``DataLoader`` over an ``ImageFolder`` of the same JPEGs with the
       reference's PIL / torchvision v1 transforms (FRA_SPEC §8, PIL blur, ToTensor + Normalize);
-  (c) the floor: simplejpeg decode + two RandomResizedCrop resizes, nothing else.
+  (c) the floor: simplejpeg decode + two RandomResizedCrop resizes (PIL, the reference's crop
+      op), nothing else;
+  (c') the same with the cheapest resizes fra's transform uses (OpenCV's bilinear when the crop
+      is upsampled in both directions, PIL's antialiased one otherwise).
 Each phase runs in its own process; the headline figure is images per CPU-second of that
 process and all its descendants (Ray daemons and workers, DataLoader workers), i.e. the
 per-core rate, which stays meaningful on a shared machine where wall time does not. Each phase
@@ -178,22 +181,31 @@ def write_repeated_shards(jpegs: list[bytes], out: Path, rows_list: list[int], p
 
 
 # ---- phases (each in its own process) -----------------------------------------------------------
-def _floor_worker(job) -> float:
+def _floor_worker(job, fast: bool = False) -> float:
     import numpy as np
     import simplejpeg
     from PIL import Image
 
-    from fra.data.augment import random_resized_crop_box
+    from fra.data.augment import _cv2, random_resized_crop_box
 
+    cv2 = _cv2()
     jpegs, size = job
     rng = np.random.default_rng(0)
     c0 = time.process_time()
     for data in jpegs:
-        img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        img = Image.fromarray(arr)
         for _ in range(2):
             box = random_resized_crop_box(img.width, img.height, (0.2, 1.0), (3 / 4, 4 / 3), rng)
-            np.asarray(img.resize((size, size), Image.BILINEAR, box=box))
+            if fast and box[2] - box[0] <= size and box[3] - box[1] <= size:
+                cv2.resize(arr[box[1]:box[3], box[0]:box[2]], (size, size), interpolation=cv2.INTER_LINEAR)
+            else:
+                np.asarray(img.resize((size, size), Image.BILINEAR, box=box))
     return time.process_time() - c0
+
+
+def _floor_fast_worker(job) -> float:
+    return _floor_worker(job, fast=True)
 
 
 def _fra_worker(job) -> float:
@@ -228,6 +240,10 @@ def _in_processes(worker, jpegs, size, procs: int) -> dict:
 
 def phase_floor(jpegs, size, args) -> dict:
     return _in_processes(_floor_worker, jpegs, size, args.procs)
+
+
+def phase_floor_fast(jpegs, size, args) -> dict:
+    return _in_processes(_floor_fast_worker, jpegs, size, args.procs)
 
 
 def phase_fra_local(jpegs, size, args) -> dict:
@@ -370,7 +386,7 @@ def _rates(n: int, cpu: float, wall: float) -> dict:
             "img_per_cpu_s": round(n / cpu, 1), "img_per_wall_s": round(n / wall, 1)}
 
 
-PHASES = {"floor": phase_floor, "fra_local": phase_fra_local, "reference": phase_reference, "fra_ray": phase_fra_ray,
+PHASES = {"floor": phase_floor, "floor_fast": phase_floor_fast, "fra_local": phase_fra_local, "reference": phase_reference, "fra_ray": phase_fra_ray,
           "rss": phase_rss}
 
 
@@ -404,7 +420,8 @@ def main(argv=None) -> int:
     p.add_argument("--procs", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.phase:
-        jpegs = make_jpegs(args.images) if args.phase in ("floor", "fra_local") else [None] * args.images
+        local = ("floor", "floor_fast", "fra_local")
+        jpegs = make_jpegs(args.images) if args.phase in local else [None] * args.images
         print(json.dumps(PHASES[args.phase](jpegs, args.size, args)))
         return 0
     with tempfile.TemporaryDirectory(prefix="fra_bench_") as tmp:
@@ -424,7 +441,8 @@ def main(argv=None) -> int:
                 t = results["throughput"].setdefault(size, {})
                 runs = [(f"{n}_x{args.cpus}" if p > 1 else n, n, {"procs": p})
                         for n in ("floor", "fra_local") for p in (1, args.cpus)]
-                runs += [("reference", "reference", {}), ("fra_ray", "fra_ray", {})]
+                runs += [("floor_fast", "floor_fast", {"procs": 1}), ("reference", "reference", {}),
+                         ("fra_ray", "fra_ray", {})]
                 for key, name, extra in runs if round_ % 2 == 0 else runs[::-1]:
                     res = run_phase(name, size, args, **extra)
                     if key not in t or res["img_per_cpu_s"] > t[key]["img_per_cpu_s"]:
@@ -442,16 +460,19 @@ def main(argv=None) -> int:
 def table(r: dict) -> str:
     n = r["cpus"]
     lines = [f"| size | (a) fra Ray Data | (b) reference DataLoader | (a)/(b) | (a0) fra transform, 1 / {n} procs "
-             f"| (c) floor, 1 / {n} procs | (a)/(c) vs 1 / {n} procs |", "|---|---|---|---|---|---|---|"]
+             f"| (c) floor, 1 / {n} procs | (a)/(c) vs 1 / {n} procs | (c') OpenCV-resize floor, 1 proc | (a)/(c') |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for size, t in r["throughput"].items():
         a, b = t["fra_ray"], t["reference"]
         a0, a0n = t["fra_local"]["img_per_cpu_s"], t[f"fra_local_x{n}"]["img_per_cpu_s"]
         c, cn = t["floor"]["img_per_cpu_s"], t[f"floor_x{n}"]["img_per_cpu_s"]
+        cf = t["floor_fast"]["img_per_cpu_s"] if "floor_fast" in t else float("nan")
         ra = a["img_per_cpu_s"]
         lines.append(
             f"| {size} | {ra:.0f} ({a['img_per_cpu_s_net_idle']:.0f} net of idle; {a['img_per_wall_s']:.0f} wall) "
             f"| {b['img_per_cpu_s']:.0f} ({b['img_per_wall_s']:.0f} wall) | {ra / b['img_per_cpu_s']:.2f}x "
-            f"| {a0:.0f} / {a0n:.0f} | {c:.0f} / {cn:.0f} | {ra / c:.0%} / {ra / cn:.0%} |")
+            f"| {a0:.0f} / {a0n:.0f} | {c:.0f} / {cn:.0f} | {ra / c:.0%} / {ra / cn:.0%} "
+            f"| {cf:.0f} | {ra / cf:.0%} |")
     if r["rss"]:
         lines += ["", "| dataset rows | rows streamed so far | driver RSS | driver private (anon) | tree PSS "
                   "| tree private | (peak MiB) |", "|---|---|---|---|---|---|---|"]

@@ -65,10 +65,10 @@ def test_crop_boxes_match_torchvision_random_resized_crop():
 
 
 def test_rendered_rates_blur_solarize_grey(crops, monkeypatch):
-    """Rates measured on the real render path (blur counted at the PIL call)."""
+    """Rates measured on the real render path (blur counted at the blur call)."""
     calls = []
-    real_blur = ImageFilter.GaussianBlur
-    monkeypatch.setattr(aug.ImageFilter, "GaussianBlur", lambda r: calls.append(r) or real_blur(r))
+    real_blur = aug.gaussian_blur_array
+    monkeypatch.setattr(aug, "gaussian_blur_array", lambda img, sx, sy=None: calls.append(sx) or real_blur(img, sx, sy))
     n, rng = 600, np.random.default_rng(3)
     t = TwoViewTransform(S, jitter_p=0.0)
     bright = [Image.fromarray(np.clip(np.asarray(c) // 2 + 130, 130, 255).astype(np.uint8)) for c in crops]
@@ -83,6 +83,45 @@ def test_rendered_rates_blur_solarize_grey(crops, monkeypatch):
     assert rates[0, 0] == 1.0 and abs(rates[1, 0] - 0.1) < 0.045  # blur p = 1.0 / 0.1
     assert rates[0, 1] == 0.0 and abs(rates[1, 1] - 0.2) < 0.065  # solarize p = 0 / 0.2 (bright input)
     assert abs(rates[0, 2] - 0.2) < 0.065 and abs(rates[1, 2] - 0.2) < 0.065  # greyscale p = 0.2
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.7, 1.3, 2.0, (0.6, 1.7)])
+def test_opencv_blur_is_the_gaussian_pil_approximates(crops, sigma):
+    """The fast blur is the true Gaussian of std sigma (reflect-101 borders, as torchvision's
+    gaussian_blur); the reference's PIL box approximation stays within ~1 grey level of it."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    sx, sy = sigma if isinstance(sigma, tuple) else (sigma, sigma)
+    img = crops[0].resize((96, 112))
+    ours = aug.gaussian_blur_array(np.asarray(img), sx, sy).astype(np.float64)
+    src = np.asarray(img).astype(np.float64)
+    ref = np.stack([ndimage.gaussian_filter(src[..., c], (sy, sx), mode="mirror", truncate=4.0)
+                    for c in range(3)], axis=-1)
+    d = np.abs(ours - ref)  # OpenCV's uint8 path is fixed point: rounding plus a little
+    assert d.max() <= 1.5 and d.mean() <= 0.3, (d.max(), d.mean())
+    pil = np.asarray(aug.gaussian_blur_pil(img, sx, sy)).astype(np.float64)
+    assert np.abs(ours - pil).mean() < 1.0
+    if min(sx, sy) >= 1.0:  # how much each blurs: within 5 % (PIL's boxes are off below sigma 1)
+        assert abs(np.abs(ours - src).mean() / np.abs(pil - src).mean() - 1) < 0.05
+
+
+def test_pil_backend_is_the_reference_ops_and_opencv_stays_close(crops):
+    pil_t, fast_t, img = TwoViewTransform(S, backend="pil"), TwoViewTransform(S), crops[1]
+    for box, sigma in (((0, 0, 2 * S, 2 * S), 1.3), ((10, 20, 10 + S // 2, 20 + S - 3), 0.9),
+                       ((5, 5, 5 + 3 * S // 2, 5 + S // 2), 1.7)):  # down, up, up in x only / down in y
+        p = aug.ViewParams(box, True, None, (0, 1, 2, 3), False, sigma, True)
+        w, h = box[2] - box[0], box[3] - box[1]
+        if w * h < S * S:
+            ref = img.crop(box).filter(ImageFilter.GaussianBlur((sigma * w / S, sigma * h / S))).resize((S, S), Image.BILINEAR)
+        else:
+            ref = img.resize((S, S), Image.BILINEAR, box=box).filter(ImageFilter.GaussianBlur(sigma))
+        ref = np.asarray(ImageOps.solarize(ref, 128).transpose(Image.FLIP_LEFT_RIGHT))
+        assert np.array_equal(pil_t.render(img, p), ref), box
+        fast = fast_t.render(img, p)
+        assert fast.flags.c_contiguous and fast.shape == (S, S, 3) and fast.dtype == np.uint8
+        d = np.abs(fast.astype(float) - ref)
+        assert d.mean() < 1.0 and np.quantile(d, 0.99) <= 8, (box, d.mean(), np.quantile(d, 0.99))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        TwoViewTransform(S, backend="gpu")
 
 
 class _RefBlur:

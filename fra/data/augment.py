@@ -11,8 +11,18 @@ parameters from a ``numpy.random.Generator``. Outputs are uint8 (S, S, 3); norma
 #    uses the grey mean the reference would see (propagated analytically). Differences: no
 #    clamping between sub-ops, and hue is a rotation about the grey axis instead of the HSV
 #    hexagon shift (see :func:`colour_matrix`);
-#  * blur is the reference's own PIL GaussianBlur; when the crop is smaller than the output it is
-#    applied (with the colour matrix) before the upsampling, with sigma scaled to crop pixels.
+#  * blur: the reference calls PIL's ``GaussianBlur(radius=sigma)``, which approximates a Gaussian
+#    of std sigma with three box passes and costs ~1.7 ms at 224 px whatever sigma is (half of
+#    the whole transform). We compute the Gaussian it approximates with OpenCV (separable
+#    kernel, 2*ceil(4 sigma)+1 taps, reflect-101 borders, as torchvision's gaussian_blur):
+#    0.06-0.3 ms. Mean |difference| to PIL's output 0.2-0.9 grey levels; mean |change| made by
+#    the blur within 3 % of PIL's for sigma >= 1; below 1 PIL's boxes are off the Gaussian (no
+#    blur at 0.2, 4 % of it at 0.3, 60 % at 0.4, 110-115 % at 0.6-0.7).
+#    When the crop is smaller than the output, the blur is applied (with the colour matrix)
+#    before the upsampling, with sigma scaled to crop pixels;
+#  * a crop upsampled in both directions is resized by OpenCV's bilinear (same sampling grid as
+#    PIL's for upsampling, within 1 grey level, 7x cheaper); downsampling keeps PIL's
+#    antialiased resize. ``backend="pil"`` restores the reference's PIL blur and resize exactly.
 # tests/test_augment.py checks per-op rates, ranges and view statistics against torchvision.
 """
 from __future__ import annotations
@@ -30,7 +40,7 @@ VGGFACE2_STD = (0.2536, 0.2194, 0.2070)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_SOLARIZE_LUT = [i if i < 128 else 255 - i for i in range(256)] * 3
+_SOLARIZE_TABLE = np.array([i if i < 128 else 255 - i for i in range(256)], np.uint8)  # Solarize(128)
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,9 @@ class TwoViewTransform:
         blur_sigma: blur sigma range (output pixels).
         solarize_p: solarize probability for view 1 and view 2.
         flip_p: horizontal flip probability.
+        backend: ``"opencv"`` (fast: OpenCV's true Gaussian blur, and OpenCV's bilinear resize
+            when the crop is upsampled in both directions) or ``"pil"`` (the reference's PIL
+            ``GaussianBlur`` and ``resize``, bit for bit).
     """
 
     def __init__(
@@ -126,7 +139,11 @@ class TwoViewTransform:
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         solarize_p: tuple[float, float] = (0.0, 0.2),
         flip_p: float = 0.5,
+        backend: str = "opencv",
     ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self.backend = backend
         self.image_size = int(image_size)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.jitter, self.jitter_p, self.grey_p = tuple(jitter), jitter_p, grey_p
@@ -157,34 +174,48 @@ class TwoViewTransform:
         return self.sample_view(width, height, 0, rng), self.sample_view(width, height, 1, rng)
 
     def render(self, img: Image.Image, p: ViewParams) -> np.ndarray:
-        """Apply one view's parameters to an RGB PIL image; returns uint8 (S, S, 3)."""
-        return np.asarray(self.render_pil(img, p))
+        """Apply one view's parameters to an RGB PIL image; returns uint8 (S, S, 3), C-contiguous."""
+        return np.ascontiguousarray(self.render_array(img, p))
 
-    def render_pil(self, img: Image.Image, p: ViewParams) -> Image.Image:
-        """:meth:`render`, returning the PIL image (lets callers copy it straight into a batch)."""
+    def render_array(self, img: Image.Image, p: ViewParams) -> np.ndarray:
+        """:meth:`render` without the final copy: may return a flipped view of the array (lets
+        callers copy it straight into a batch)."""
         size = self.image_size
         left, top, right, bottom = p.box
         w, h = right - left, bottom - top
+        fast = self.backend == "opencv"
         if w * h < size * size:  # upsampling: do the pixel-wise ops on the smaller crop
             out = img.crop(p.box)
             matrix = _view_matrix(out, p)
             if matrix is not None:
                 out = out.convert("RGB", matrix)
-            if p.blur_sigma is not None:
-                out = out.filter(ImageFilter.GaussianBlur((p.blur_sigma * w / size, p.blur_sigma * h / size)))
-            out = out.resize((size, size), Image.BILINEAR)
-        else:
+            if fast and w <= size and h <= size:  # pure upsampling: bilinear = PIL's, +-1 level
+                arr = np.asarray(out)
+                if p.blur_sigma is not None:
+                    arr = gaussian_blur_array(arr, p.blur_sigma * w / size, p.blur_sigma * h / size)
+                arr = _cv2().resize(arr, (size, size), interpolation=_cv2().INTER_LINEAR)
+            else:
+                if p.blur_sigma is not None:
+                    out = self._blur(out, p.blur_sigma * w / size, p.blur_sigma * h / size)
+                arr = np.asarray(out.resize((size, size), Image.BILINEAR))
+        else:  # downsampling: PIL's antialiased resize, as the reference
             out = img.resize((size, size), Image.BILINEAR, box=p.box)
             matrix = _view_matrix(out, p)
             if matrix is not None:
                 out = out.convert("RGB", matrix)
             if p.blur_sigma is not None:
-                out = out.filter(ImageFilter.GaussianBlur(p.blur_sigma))
+                out = self._blur(out, p.blur_sigma, p.blur_sigma)
+            arr = np.asarray(out)
         if p.solarize:
-            out = out.point(_SOLARIZE_LUT)
+            arr = _SOLARIZE_TABLE[arr]
         if p.flip:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return out
+            arr = arr[:, ::-1]
+        return arr
+
+    def _blur(self, img: Image.Image, sigma_x: float, sigma_y: float) -> Image.Image:
+        if self.backend == "pil":
+            return gaussian_blur_pil(img, sigma_x, sigma_y)
+        return Image.fromarray(gaussian_blur_array(np.asarray(img), sigma_x, sigma_y))
 
     def render_mask(self, mask: Image.Image | np.ndarray, p: ViewParams) -> np.ndarray:
         """Co-transform a label mask (same crop and flip, nearest); returns uint8 (S, S)."""
@@ -221,6 +252,38 @@ class TwoViewTransform:
         if mask is not None:
             out["mask1"], out["mask2"] = self.render_mask(mask, p1), self.render_mask(mask, p2)
         return out
+
+
+def gaussian_blur_array(img: np.ndarray, sigma_x: float, sigma_y: float | None = None) -> np.ndarray:
+    """Gaussian blur of std ``sigma_x`` (horizontal) / ``sigma_y`` (vertical) pixels, uint8 (H, W, 3).
+
+    OpenCV's fixed-point separable filter with ``2*ceil(4 sigma)+1`` taps and reflect-101 borders
+    (torchvision's ``gaussian_blur`` padding). One OpenCV thread: parallelism comes from Ray tasks.
+    """
+    cv2 = _cv2()
+    sigma_y = sigma_x if sigma_y is None else sigma_y
+    kx, ky = 2 * math.ceil(4 * sigma_x) + 1, 2 * math.ceil(4 * sigma_y) + 1
+    return cv2.GaussianBlur(np.ascontiguousarray(img), (kx, ky), sigmaX=sigma_x, sigmaY=sigma_y,
+                            borderType=cv2.BORDER_REFLECT_101)
+
+
+def gaussian_blur_pil(img: Image.Image, sigma_x: float, sigma_y: float | None = None) -> Image.Image:
+    """The reference's blur: PIL ``ImageFilter.GaussianBlur(radius=(sigma_x, sigma_y))``."""
+    return img.filter(ImageFilter.GaussianBlur((sigma_x, sigma_x if sigma_y is None else sigma_y)))
+
+
+BACKENDS = ("opencv", "pil")
+_CV2 = None
+
+
+def _cv2():
+    global _CV2
+    if _CV2 is None:
+        import cv2
+
+        cv2.setNumThreads(1)
+        _CV2 = cv2
+    return _CV2
 
 
 def _view_matrix(img: Image.Image, p: ViewParams) -> tuple[float, ...] | None:

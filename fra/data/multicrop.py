@@ -1,11 +1,11 @@
-"""SwAV / FRL multi-crop augmentation (FRL_SPEC §1.3), uint8 out, numpy + PIL only.
+"""SwAV / FRL multi-crop augmentation (FRL_SPEC §1.3), uint8 out, numpy + PIL + OpenCV.
 
 Per crop: RandomResizedCrop(size, scale range, ratio 3/4-4/3, bilinear) → ColorJitter(0.8s,
 0.8s, 0.8s, 0.2s) with p = 0.8 → RandomGrayscale(0.2) → Gaussian blur (p = 0.5, 23×23 kernel,
 σ ~ U(0.1, 2.0)) → horizontal flip (0.5). Normalisation (ImageNet mean, FRL's std
 :data:`FRL_STD`) happens on the trainer, on the batch.
 
-Each image draws its own parameters from its own ``numpy.random.Generator``. The colour ops
+The blur is OpenCV's, as FRL's (``--use_pil_blur false``). Each image draws its own parameters from its own ``numpy.random.Generator``. The colour ops
 are torchvision's PIL implementations, applied one after the other (with their clamping), in
 the random order ColorJitter picks.
 """
@@ -50,24 +50,16 @@ class CropParams:
 
 
 def gaussian_blur(img: np.ndarray, sigma: float, kernel: int = BLUR_KERNEL) -> np.ndarray:
-    """``cv2.GaussianBlur(img, (kernel, kernel), sigma)`` in numpy: separable, reflect-101 borders.
+    """FRL's blur, ``cv2.GaussianBlur(img, (kernel, kernel), sigma)`` (default borders: reflect-101).
 
     Args:
         img: uint8 (H, W, 3).
     Returns:
         uint8 (H, W, 3).
     """
-    r = kernel // 2
-    x = np.arange(-r, r + 1, dtype=np.float64)
-    k = np.exp(-(x * x) / (2 * sigma * sigma))
-    k = k / k.sum()
-    # Taps below 1e-7 change no output by more than 255 * 23e-7 < 0.01 before rounding: skip them.
-    taps = [(j, np.float32(k[j])) for j in range(kernel) if k[j] > 1e-7]
-    a = np.pad(img.astype(np.float32), ((r, r), (r, r), (0, 0)), mode="reflect")  # reflect = REFLECT_101
-    h, w = img.shape[:2]
-    rows = sum(kj * a[j:j + h] for j, kj in taps)  # (H, W + 2r, 3)
-    out = sum(kj * rows[:, j:j + w] for j, kj in taps)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    from fra.data.augment import _cv2
+
+    return _cv2().GaussianBlur(np.ascontiguousarray(img), (kernel, kernel), sigma)
 
 
 def _adjust_hue(img: Image.Image, hue: float) -> Image.Image:

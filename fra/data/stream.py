@@ -270,8 +270,8 @@ def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, w
             continue
         p1, p2 = transform.sample(img.width, img.height, rng)
         k = len(labels)
-        view1[k] = np.asarray(transform.render_pil(img, p1)).transpose(2, 0, 1)
-        view2[k] = np.asarray(transform.render_pil(img, p2)).transpose(2, 0, 1)
+        view1[k] = transform.render_array(img, p1).transpose(2, 0, 1)
+        view2[k] = transform.render_array(img, p2).transpose(2, 0, 1)
         labels.append(int(label))
         keys.append(key)
         params.append((p1, p2))
