@@ -92,6 +92,11 @@ class TrainState:
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
 
+    def end_epoch(self, iters_per_epoch: int) -> None:
+        """Move to the next epoch once this one's steps are done (a run stopped mid-epoch stays in it)."""
+        if self.step >= (self.epoch + 1) * iters_per_epoch:
+            self.epoch += 1
+
 
 def autocast_context(device_type: str, amp: str):
     """``amp`` in {off, fp16, bf16} -> an autocast context (fp16 only makes sense on CUDA)."""

@@ -115,6 +115,30 @@ def test_rafdb_layout_end_to_end_cli(ray_local, rafdb_shards, tmp_path, capsys):
 
 
 @pytest.mark.ray
+def test_corrupt_images_met_while_streaming_are_counted_in_results_and_mlflow(ray_local, tmp_path):
+    """Issue 3: shards holding corrupt JPEGs (the writer never makes them, a damaged copy can):
+    skipped, counted per split and epoch, in results.json and MLflow; the test set (cached after
+    one decode) reports its count on every evaluation."""
+    import mlflow
+
+    from tests.corrupt_shards import corrupt_images, faces, write_shard_set
+
+    shards = write_shard_set(tmp_path / "shards", {"train": faces(0, 6) + corrupt_images(2) + faces(6, 6),
+                                                    "test": faces(20, 5) + corrupt_images(1)})
+    cfg = _cfg(shards, tmp_path, data={"test_split": "test"}, optim={"epochs": 2, "batch_size": 4},
+               tracking={"enabled": True})
+    result = evaluate_fer(cfg, run_name="corrupt")
+    out = json.loads(result.results_path.read_text())
+    assert out["skipped_corrupt_images"] == {"train": 2, "test": 1}
+    assert [(h["skipped_corrupt_train"], h["skipped_corrupt_test"]) for h in out["history"]] == [(2, 1), (2, 1)]
+    assert [h["images"] for h in out["history"]] == [12, 12] and sum(out["summary"]["last"]["support"].values()) == 5
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for key, value in (("skipped_corrupt_train", 2.0), ("skipped_corrupt_test", 1.0)):
+        logged = client.get_metric_history(result.mlflow_run_id, key)
+        assert [(m.step, m.value) for m in logged] == [(1, value), (2, value)]
+
+
+@pytest.mark.ray
 def test_fer2013_two_workers_equal_one_worker(ray_local, fer2013_shards, tmp_path):
     """Linear probe, full batch: DDP over 2 workers must reproduce 1 worker (same rows, same
     per-row augmentation draws); the sharded test set is scored exactly once; backbone untouched."""

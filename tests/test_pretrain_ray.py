@@ -151,10 +151,14 @@ def test_checkpoint_copies_cut_short_by_a_lost_node_are_set_aside(tmp_path, capl
 def test_one_worker_trains_logs_to_mlflow_and_exports(ray_local, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
+    from fra.config import effective_lr
     from fra.train.ray_trainer import pretrain_ray
 
+    # lr 32 with the linear rule is the same 1.0 for batch 8 as the other tests, but a raw lr logged
+    # in place of the derived one would show.
     cfg = tiny_config(tmp_path, "one", "tracking.enabled=true", f"tracking.mlflow_uri={mlflow_uri}",
-                      "run.heatmaps_every_epoch=true")
+                      "run.heatmaps_every_epoch=true", "optim.lr=32", "optim.lr_scaling=linear")
+    assert effective_lr(cfg.optim) == 1.0 != cfg.optim.lr
     out = pretrain_ray(cfg)
     rv = out.return_value
     assert rv["status"] == "finished" and rv["step"] == rv["planned"] == 2 * (64 // 8)
@@ -168,6 +172,7 @@ def test_one_worker_trains_logs_to_mlflow_and_exports(ray_local, tmp_path, mlflo
     run = client.get_run(out.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["derived.global_batch"] == "8" and run.data.params["model.backbone"] == "resnet18"
+    assert float(run.data.params["derived.effective_lr"]) == effective_lr(cfg.optim)
     assert {"loss", "loss.cluster", "lr", "momentum", "images_per_s", "data_wait_frac"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == rv["step"] // 2
     region = card["region_awareness"]  # synthetic faces carry part masks: the score is logged
@@ -178,6 +183,30 @@ def test_one_worker_trains_logs_to_mlflow_and_exports(ray_local, tmp_path, mlflo
     assert {"config.yaml", "heatmaps", "final"} <= arts
     epochs = {a.path for a in client.list_artifacts(run.info.run_id, "heatmaps")}
     assert epochs == {"heatmaps/epoch_001", "heatmaps/epoch_002"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_corrupt_images_met_while_streaming_are_skipped_and_counted_per_epoch(ray_local, tmp_path, mlflow_uri):
+    """Issue 3: shards holding 2 corrupt JPEGs (first in the shard, so the heat-map probe meets them
+    too). 12 rows make 3 steps per epoch; the 10 decodable ones fill 2 batches and the third
+    step repeats one, so the run still finishes its plan. The count reaches the history, the
+    result, the model card and MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from fra.train.ray_trainer import pretrain_ray
+    from tests.corrupt_shards import corrupt_images, faces, write_shard_set
+
+    shards = write_shard_set(tmp_path / "shards", {"train": corrupt_images(2) + faces(0, 10)})
+    cfg = tiny_config(tmp_path, "corrupt", "data.source=shards", f"data.shards={shards}", "optim.batch_size=4",
+                      "tracking.enabled=true", f"tracking.mlflow_uri={mlflow_uri}")
+    out = pretrain_ray(cfg)
+    rv = out.return_value
+    assert rv["status"] == "finished" and rv["step"] == rv["planned"] == 6
+    assert [h["skipped_corrupt"] for h in rv["history"]] == rv["skipped_corrupt_per_epoch"] == [2, 2]
+    assert json.loads(Path(out.model_card).read_text())["skipped_corrupt_images_per_epoch"] == [2, 2]
+    logged = MlflowClient(mlflow_uri).get_metric_history(out.mlflow_run_id, "epoch.skipped_corrupt")
+    assert [(m.step, m.value) for m in logged] == [(3, 2.0), (6, 2.0)]
 
 
 @pytest.mark.ray

@@ -1,22 +1,21 @@
 """Ray Data streaming: shards -> decode + augment -> batches; exactly once, seeded, corrupt rows counted."""
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from fra.data.augment import FERTransform, TwoViewTransform
 from fra.data.decode import decode_image, decode_mask, encode_jpeg
-from fra.data.manifest import Manifest, ShardInfo, write_manifest
-from fra.data.shards import SHARD_SCHEMA, parquet_options, write_shards
-from fra.data.stream import fer_dataset, iter_batches, pretrain_dataset, row_key, stream_stats
-from tests.data_layouts import CORRUPT, build_image_folder, build_rafdb, face_jpeg, truncated_jpeg
+from fra.data.shards import write_shards
+from fra.data.stream import BatchStream, fer_dataset, iter_batches, pretrain_dataset, row_key
+from tests.corrupt_shards import corrupt_images, faces, write_shard_set
+from tests.data_layouts import build_image_folder, build_rafdb
 
 pytestmark = pytest.mark.ray
 
@@ -73,30 +72,40 @@ def test_fer_eval_stream_is_the_reference_eval_transform(ray_local, raf_shards):
     assert np.array_equal(seen[row_key(path)][1], want.transpose(2, 0, 1))
 
 
-def _bad_shard_set(out) -> tuple[str, int]:
-    """A hand-made shard set whose single shard holds 2 corrupt rows (the writer never makes one)."""
-    images = [face_jpeg(i) for i in range(10)] + [CORRUPT, truncated_jpeg(4)]
-    n = len(images)
-    cols = {name: [None] * n for name in SHARD_SCHEMA.names}
-    cols.update(image=images, label=[i % 3 for i in range(n)], split=["train"] * n, path=[f"img{i}.jpg" for i in range(n)],
-                format=["jpeg"] * n, width=[64] * n, height=[64] * n)
-    (out / "train").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pydict(cols, schema=SHARD_SCHEMA), out / "train/part-00000.parquet", **parquet_options(4))
-    data = (out / "train/part-00000.parquet").read_bytes()
-    shard = ShardInfo("train/part-00000.parquet", "train", n, len(data), hashlib.sha256(data).hexdigest())
-    write_manifest(Manifest(1, "image_folder", "", "x", ("a", "b", "c"), {"train": {"total": n, "classes": {}}}, (shard,),
-                            parquet={"row_group_size": 4}), str(out))
-    return str(out), 10
+def test_batch_stream_drops_placeholders_keeps_batch_size_and_counts():
+    """No Ray: flagged rows leave, the rest is re-cut into full batches in order, and the count
+    includes rows of a dropped last batch and of an all-corrupt batch."""
+    flags = torch.zeros(31, dtype=torch.bool)
+    flags[[0, 5, 6, 21]] = True
+    flags[24:] = True  # one whole batch of placeholders
+
+    def source():
+        return [{"x": torch.arange(i, min(i + 8, 31)), "corrupt": flags[i:i + 8].clone()} for i in range(0, 31, 8)]
+
+    good = [i for i in range(31) if not flags[i]]
+    stream = BatchStream(source(), 8, drop_last=False)
+    out = [b["x"].tolist() for b in stream]
+    assert [len(b) for b in out] == [8, 8, 4] and sum(out, []) == good and stream.skipped_corrupt == 11
+    stream = BatchStream(source(), 8, drop_last=True)
+    assert [b["x"].tolist() for b in stream] == [good[:8], good[8:16]] and stream.skipped_corrupt == 11
+    clean = [{"x": torch.arange(8)}]
+    assert next(BatchStream(clean, 8)) is clean[0]  # nothing to drop: batches pass untouched
 
 
-def test_corrupt_rows_are_dropped_and_counted(ray_local, tmp_path):
-    uri, good = _bad_shard_set(tmp_path / "bad")
-    stream_stats(reset=True)
-    rows = _epoch(pretrain_dataset(uri, image_size=32, with_keys=True, batch_size=4), 0)
-    assert set(rows) == {row_key(f"img{i}.jpg") for i in range(good)}
-    assert stream_stats()["skipped_corrupt"] == 2
-    n = sum(len(b["label"]) for b in iter_batches(fer_dataset(uri, 32, "train", train=True), 4, drop_last=False))
-    assert n == good and stream_stats(reset=True)["skipped_corrupt"] == 4
+def test_corrupt_rows_are_dropped_and_counted_by_the_consumer(ray_local, tmp_path):
+    """Corrupt images cross from the decode tasks to the consumer as flagged rows: every stream
+    drops them, keeps full batches and counts them per pass."""
+    images = faces(0, 5) + corrupt_images(1) + faces(5, 5) + corrupt_images(2)[1:]
+    uri = write_shard_set(tmp_path / "bad", {"train": images})
+    good = [row_key(f"train/img{i}.jpg") for i in range(12) if i not in (5, 11)]
+    stream = iter_batches(pretrain_dataset(uri, image_size=32, with_keys=True, batch_size=4), 4, drop_last=False)
+    keys = [k for b in stream for k in b["key"].tolist()]
+    assert sorted(keys) == sorted(good) and len(good) == 10 and stream.skipped_corrupt == 2
+    stream = iter_batches(fer_dataset(uri, 32, "train", train=True), 4, drop_last=True)
+    assert [len(b["label"]) for b in stream] == [4, 4] and stream.skipped_corrupt == 2
+    mc = {"size_crops": [32, 16], "nmb_crops": [2, 1], "min_scale": [0.2, 0.05], "max_scale": [1.0, 0.2]}
+    stream = iter_batches(pretrain_dataset(uri, multicrop=mc), 3, drop_last=False)
+    assert sum(len(b["crop1"]) for b in stream) == 10 and stream.skipped_corrupt == 2
 
 
 def test_ray_train_style_shards_cover_the_split_once(ray_local, raf_shards):

@@ -1,9 +1,16 @@
 """Streaming shards with Ray Data: read_parquet -> decode + augment in map_batches -> batches.
 
-The training and evaluation layers use four functions: :func:`pretrain_dataset` and
-:func:`fer_dataset` build lazy datasets (pass them to a ``TorchTrainer`` or iterate them),
-:func:`iter_batches` iterates a dataset or a Ray Train shard for one epoch, and
-:func:`stream_stats` reports how many corrupt images were dropped.
+The training and evaluation layers use three functions: :func:`pretrain_dataset` and
+:func:`fer_dataset` build lazy datasets (pass them to a ``TorchTrainer`` or iterate them), and
+:func:`iter_batches` iterates a dataset or a Ray Train shard for one epoch as a
+:class:`BatchStream`, which counts the corrupt images it dropped.
+
+Corrupt images. A decoding task keeps the row of an image that fails to decode as a zero-filled
+placeholder flagged in the ``corrupt`` column; :class:`BatchStream` drops the placeholders,
+re-batches to the requested size and counts them (``skipped_corrupt``). The count thus travels
+with the data from whichever process decoded it to the consumer, per epoch and per worker, with
+no shared state between runs. Rows that Ray Train's equal split drops never reach a worker and
+are not counted.
 
 Randomness. Each epoch is one execution of the dataset. The shard writer already shuffled the
 records (seeded) across shards and row groups. Per epoch, the shard order is shuffled with
@@ -21,21 +28,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from fra.data.augment import FERTransform, TwoViewTransform
 from fra.data.decode import CorruptImageError, decode_pil
-from fra.data.local import local_stats
 from fra.data.manifest import Manifest, read_manifest
 from fra.data.readers.base import join, resolve
 from fra.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-STATS_ACTOR = "fra_stream_stats"
-STATS_NAMESPACE = "fra"
+CORRUPT = "corrupt"  # bool column of every decoded batch: the row stands for a corrupt image
 
 
 # ---- dataset builders -----------------------------------------------------------------------
@@ -65,7 +70,8 @@ def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", s
             views; ``image_size``, ``augment``, ``with_params`` and ``with_masks`` do not apply.
 
     Returns:
-        A lazy ``ray.data.Dataset`` of rows ``{"view1", "view2": uint8 (3, S, S), "label": int64}``;
+        A lazy ``ray.data.Dataset`` of rows ``{"view1", "view2": uint8 (3, S, S), "label": int64,
+        "corrupt": bool}`` (see the module docstring; :func:`iter_batches` drops corrupt rows);
         with ``multicrop``, ``view1``/``view2`` are the first two crops and ``crop1`` ...
         ``cropN`` the others, in order (:func:`fra.engine.batch_views` reads them all).
     """
@@ -106,7 +112,7 @@ def fer_dataset(shards: str, image_size: int = 224, split: str = "train", train:
         with_keys: also return ``key`` (int64, :func:`row_key` of the source path).
 
     Returns:
-        A lazy ``ray.data.Dataset`` of rows ``{"image": uint8 (3, S, S), "label": int64}``.
+        A lazy ``ray.data.Dataset`` of rows ``{"image": uint8 (3, S, S), "label": int64, "corrupt": bool}``.
     """
     manifest = read_manifest(shards)
     if crop_to_box is None:
@@ -123,7 +129,7 @@ def fer_dataset(shards: str, image_size: int = 224, split: str = "train", train:
 
 def iter_batches(ds_or_shard, batch_size: int, epoch: int = 0, seed: int = 0, drop_last: bool = True,
                  local_shuffle_buffer: int | None = 0, prefetch_batches: int = 2,
-                 device: Any = None) -> Iterator[dict]:
+                 device: Any = None) -> BatchStream:
     """Iterate one epoch of torch batches from a ``Dataset`` or a Ray Train ``DataIterator``.
 
     Args:
@@ -131,40 +137,88 @@ def iter_batches(ds_or_shard, batch_size: int, epoch: int = 0, seed: int = 0, dr
         batch_size: rows per batch (per worker under Ray Train).
         epoch: epoch number (sets the shuffle / augmentation draws of a ``Dataset``).
         seed: base seed of the local shuffle.
-        drop_last: drop the last incomplete batch.
+        drop_last: drop the last incomplete batch (its corrupt images are still counted).
         local_shuffle_buffer: rows in an extra driver-side shuffle buffer (default 0: rows are
             already permuted per block in the read tasks, see the module docstring). Memory is
             about ``buffer x 2 x 3 S^2`` bytes for two-view rows.
         prefetch_batches: batches prefetched by Ray.
         device: optional torch device for the tensors.
 
-    Yields:
-        dicts of torch tensors (uint8 images, int64 labels).
+    Returns:
+        A :class:`BatchStream` of dicts of torch tensors (uint8 images, int64 labels) without
+        corrupt rows; its ``skipped_corrupt`` counts the corrupt images dropped so far.
     """
     import ray
 
     if isinstance(ds_or_shard, ray.data.Dataset):
         ds_or_shard.context._execution_idx = int(epoch)
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": drop_last, "prefetch_batches": prefetch_batches}
+    # Ray keeps the last partial batch so that its corrupt rows are counted; BatchStream drops it.
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": False, "prefetch_batches": prefetch_batches}
     if local_shuffle_buffer:
         kwargs["local_shuffle_buffer_size"] = max(int(local_shuffle_buffer), batch_size)
         kwargs["local_shuffle_seed"] = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-    if device is not None:
-        kwargs["device"] = device
-    return ds_or_shard.iter_torch_batches(**kwargs)
+    return BatchStream(ds_or_shard.iter_torch_batches(**kwargs), batch_size, drop_last, device)
 
 
-def stream_stats(reset: bool = False) -> dict:
-    """Counters of dropped rows: ``{"skipped_corrupt": n}`` over all streaming tasks of this
-    Ray session (plus this process's local loaders)."""
-    out = local_stats(reset)
-    actor = _stats_actor(create=False)
-    if actor is not None:
-        import ray
+class BatchStream:
+    """One pass over torch batches with the corrupt-image placeholders taken out.
 
-        for key, value in ray.get(actor.get.remote(reset)).items():
-            out[key] = out.get(key, 0) + value
-    return out
+    Batches keep ``batch_size`` rows: after a placeholder was dropped, the following batches are
+    re-cut from the remaining rows (one copy per batch, only in an epoch that met a corrupt image).
+
+    Args:
+        batches: dicts of tensors with a bool ``corrupt`` column (batches without one pass as they are).
+        batch_size: rows per yielded batch.
+        drop_last: drop the last incomplete batch.
+        device: optional torch device the yielded tensors are moved to.
+
+    Attributes:
+        skipped_corrupt: corrupt images dropped from the batches read so far.
+    """
+
+    def __init__(self, batches: Iterable[dict], batch_size: int, drop_last: bool = True, device: Any = None):
+        self.skipped_corrupt = 0
+        self._it = self._deliver(iter(batches), int(batch_size), drop_last, device)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def _deliver(self, batches: Iterator[dict], batch_size: int, drop_last: bool, device: Any) -> Iterator[dict]:
+        import torch
+
+        carry: dict | None = None  # rows left over after a placeholder was dropped (< batch_size)
+        for batch in batches:
+            flags = batch.pop(CORRUPT, None)
+            if flags is not None and bool(flags.any()):
+                self.skipped_corrupt += int(flags.sum())
+                batch = {k: v[~flags] for k, v in batch.items()}
+            if carry is not None:
+                batch = {k: torch.cat([carry[k], v]) for k, v in batch.items()}
+                carry = None
+            n = _num_rows(batch)
+            if n == batch_size:
+                yield _to_device(batch, device)
+                continue
+            for start in range(0, n - batch_size + 1, batch_size):
+                yield _to_device({k: v[start:start + batch_size] for k, v in batch.items()}, device)
+            rest = n % batch_size
+            if rest:
+                carry = {k: v[n - rest:] for k, v in batch.items()}
+        if carry is not None and not drop_last:
+            yield _to_device(carry, device)
+
+
+def _num_rows(batch: dict) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def _to_device(batch: dict, device: Any) -> dict:
+    if device is None:
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -176,7 +230,6 @@ def _read(manifest: Manifest, split: str, columns: list[str], shuffle_seed: int 
         raise DataError(f"{manifest.uri}: no rows in split {split!r} (splits: {list(manifest.counts)})")
     fs, base = resolve(manifest.root)
     paths = [join(base, s.path) for s in shards]
-    _stats_actor(create=True)
     shuffle = None
     if shuffle_seed is not None:
         shuffle = ray.data.FileShuffleConfig(seed=int(shuffle_seed), reseed_after_execution=True)
@@ -249,6 +302,15 @@ def _permute_block(block, *, seed: int):
     return block.take(rng.permutation(n))
 
 
+def _decode(raw, path):
+    """The decoded image, or None when it is corrupt (its row becomes a placeholder)."""
+    try:
+        return decode_pil(bytes(raw))
+    except CorruptImageError as exc:
+        logger.warning("dropping corrupt image %s: %s", path, exc)
+        return None
+
+
 def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, with_params: bool,
                     with_masks: bool, with_keys: bool = False) -> dict:
     from fra.data.decode import decode_mask
@@ -257,40 +319,34 @@ def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, w
     execution = _execution_index()
     n, s = len(batch["image"]), image_size
     # Views are written straight into the (N, 3, S, S) outputs: no per-batch stack/transpose copies.
-    view1, view2 = np.empty((n, 3, s, s), np.uint8), np.empty((n, 3, s, s), np.uint8)
-    labels, keys, params, sizes, masks_out = [], [], [], [], []
+    views = np.empty((2, n, 3, s, s), np.uint8)
+    corrupt = np.zeros(n, bool)
+    boxes, flips = np.zeros((2, n, 4), np.float32), np.zeros((2, n), bool)
+    masks_out = np.zeros((2, n, s, s), np.uint8) if with_masks else None
+    keys = [row_key(path) for path in batch["path"]]
     masks = batch["mask"] if with_masks else [None] * n
-    for raw, label, path, mask in zip(batch["image"], batch["label"], batch["path"], masks):
-        key = row_key(path)
-        rng = np.random.default_rng([seed, execution, 1, key])
-        try:
-            img = decode_pil(bytes(raw))
-        except CorruptImageError as exc:
-            logger.warning("dropping corrupt image %s: %s", path, exc)
+    for i, (raw, path, mask) in enumerate(zip(batch["image"], batch["path"], masks)):
+        img = _decode(raw, path)
+        if img is None:
+            corrupt[i] = True
+            views[:, i] = 0
             continue
-        p1, p2 = transform.sample(img.width, img.height, rng)
-        k = len(labels)
-        view1[k] = transform.render_array(img, p1).transpose(2, 0, 1)
-        view2[k] = transform.render_array(img, p2).transpose(2, 0, 1)
-        labels.append(int(label))
-        keys.append(key)
-        params.append((p1, p2))
-        sizes.append(img.size)
+        pair = transform.sample(img.width, img.height, np.random.default_rng([seed, execution, 1, keys[i]]))
+        m = None
         if with_masks:
             m = decode_mask(bytes(mask)) if mask is not None else np.zeros((img.height, img.width), np.uint8)
-            masks_out.append((transform.render_mask(m, p1), transform.render_mask(m, p2)))
-    k = len(labels)
-    if k < n:
-        _count("skipped_corrupt", n - k)
-    out = {"view1": view1[:k], "view2": view2[:k], "label": np.asarray(labels, dtype=np.int64)}
-    if with_params:
-        for v in (0, 1):
-            boxes = [_norm_box(p[v].box, size) for p, size in zip(params, sizes)]
-            out[f"box{v + 1}"] = np.asarray(boxes, np.float32).reshape(-1, 4)
-            out[f"flip{v + 1}"] = np.asarray([p[v].flip for p in params], dtype=bool)
-    if with_masks:
-        for v in (0, 1):
-            out[f"mask{v + 1}"] = np.stack([m[v] for m in masks_out]) if k else np.zeros((0, s, s), np.uint8)
+        for v, p in enumerate(pair):
+            views[v, i] = transform.render_array(img, p).transpose(2, 0, 1)
+            boxes[v, i], flips[v, i] = _norm_box(p.box, img.size), p.flip
+            if with_masks:
+                masks_out[v, i] = transform.render_mask(m, p)
+    out = {"view1": views[0], "view2": views[1], "label": np.asarray(batch["label"], dtype=np.int64),
+           CORRUPT: corrupt}
+    for v in (0, 1):
+        if with_params:
+            out[f"box{v + 1}"], out[f"flip{v + 1}"] = boxes[v], flips[v]
+        if with_masks:
+            out[f"mask{v + 1}"] = masks_out[v]
     if with_keys:
         out["key"] = np.asarray(keys, dtype=np.int64)
     return out
@@ -302,25 +358,21 @@ def _multicrop_batch(batch: dict, *, seed: int, multicrop: dict, with_keys: bool
     sizes = [size for size, _ in transform.crops]
     n = len(batch["image"])
     outs = [np.empty((n, 3, s, s), np.uint8) for s in sizes]
-    labels, keys = [], []
-    for raw, label, path in zip(batch["image"], batch["label"], batch["path"]):
-        key = row_key(path)
-        try:
-            img = decode_pil(bytes(raw))
-        except CorruptImageError as exc:
-            logger.warning("dropping corrupt image %s: %s", path, exc)
+    corrupt = np.zeros(n, bool)
+    keys = [row_key(path) for path in batch["path"]]
+    for i, (raw, path) in enumerate(zip(batch["image"], batch["path"])):
+        img = _decode(raw, path)
+        if img is None:
+            corrupt[i] = True
+            for out in outs:
+                out[i] = 0
             continue
-        k = len(labels)
-        for out, crop in zip(outs, transform(img, np.random.default_rng([seed, execution, 1, key]))):
-            out[k] = crop.transpose(2, 0, 1)
-        labels.append(int(label))
-        keys.append(key)
-    k = len(labels)
-    if k < n:
-        _count("skipped_corrupt", n - k)
-    cols = {"view1": outs[0][:k], "view2": outs[1][:k]}
-    cols.update({f"crop{i}": o[:k] for i, o in enumerate(outs[2:], start=1)})
-    cols["label"] = np.asarray(labels, dtype=np.int64)
+        for out, crop in zip(outs, transform(img, np.random.default_rng([seed, execution, 1, keys[i]]))):
+            out[i] = crop.transpose(2, 0, 1)
+    cols = {"view1": outs[0], "view2": outs[1]}
+    cols.update({f"crop{i}": o for i, o in enumerate(outs[2:], start=1)})
+    cols["label"] = np.asarray(batch["label"], dtype=np.int64)
+    cols[CORRUPT] = corrupt
     if with_keys:
         cols["key"] = np.asarray(keys, dtype=np.int64)
     return cols
@@ -330,25 +382,22 @@ def _fer_batch(batch: dict, *, image_size: int, train: bool, seed: int, mean: tu
                crop_to_box: bool, with_keys: bool = False) -> dict:
     transform = _fer_transform(image_size, train, tuple(mean), tuple(sorted(augment.items())))
     execution = _execution_index()
-    images, labels, keys, bad = [], [], [], 0
-    boxes = batch["box"] if crop_to_box else [None] * len(batch["image"])
-    for raw, label, path, box in zip(batch["image"], batch["label"], batch["path"], boxes):
-        try:
-            img = decode_pil(bytes(raw))
-        except CorruptImageError as exc:
-            bad += 1
-            logger.warning("dropping corrupt image %s: %s", path, exc)
+    n = len(batch["image"])
+    images, corrupt = [], np.zeros(n, bool)
+    keys = [row_key(path) for path in batch["path"]]
+    boxes = batch["box"] if crop_to_box else [None] * n
+    for i, (raw, path, box) in enumerate(zip(batch["image"], batch["path"], boxes)):
+        img = _decode(raw, path)
+        if img is None:
+            corrupt[i] = True
+            images.append(np.zeros((image_size, image_size, 3), np.uint8))
             continue
         if box is not None and len(box) == 4:
             img = img.crop(tuple(int(round(v)) for v in box))
-        key = row_key(path)
-        rng = np.random.default_rng([seed, execution, 1, key]) if train else None
+        rng = np.random.default_rng([seed, execution, 1, keys[i]]) if train else None
         images.append(transform(img, rng))
-        labels.append(int(label))
-        keys.append(key)
-    if bad:
-        _count("skipped_corrupt", bad)
-    out = {"image": _stack_chw(images, image_size), "label": np.asarray(labels, dtype=np.int64)}
+    out = {"image": _stack_chw(images, image_size), "label": np.asarray(batch["label"], dtype=np.int64),
+           CORRUPT: corrupt}
     if with_keys:
         out["key"] = np.asarray(keys, dtype=np.int64)
     return out
@@ -365,56 +414,4 @@ def _norm_box(box, size) -> tuple[float, float, float, float]:
     return box[0] / w, box[1] / h, box[2] / w, box[3] / h
 
 
-# ---- the corrupt-row counter ---------------------------------------------------------------
-_HANDLE: list = []  # the driver keeps a handle: an unreferenced actor would be destroyed
-
-
-def _stats_actor(create: bool):
-    import ray
-
-    if not ray.is_initialized():
-        return None
-    try:
-        return ray.get_actor(STATS_ACTOR, namespace=STATS_NAMESPACE)
-    except ValueError:
-        if not create:
-            return None
-    handle = _StatsActor().options(name=STATS_ACTOR, namespace=STATS_NAMESPACE, get_if_exists=True).remote()
-    _HANDLE[:] = [handle]
-    return handle
-
-
-@functools.lru_cache(maxsize=1)
-def _StatsActor():  # noqa: N802 - a lazily built actor class (keeps `import ray` out of import time)
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class StreamStats:
-        def __init__(self):
-            self.counts: dict[str, int] = {}
-
-        def add(self, key: str, n: int) -> None:
-            self.counts[key] = self.counts.get(key, 0) + int(n)
-
-        def get(self, reset: bool = False) -> dict:
-            out = dict(self.counts)
-            if reset:
-                self.counts.clear()
-            return out
-
-    return StreamStats
-
-
-def _count(key: str, n: int) -> None:
-    """Add to the session-wide counter (best effort: a missing actor only loses the count)."""
-    try:
-        actor = _stats_actor(create=False)
-        if actor is not None:
-            import ray
-
-            ray.get(actor.add.remote(key, n), timeout=10)  # rare; synchronous so counts are exact
-    except Exception as exc:  # noqa: BLE001 - counting must never break the stream
-        logger.warning("could not report %s=%d: %s", key, n, exc)
-
-
-__all__ = ["pretrain_dataset", "fer_dataset", "iter_batches", "stream_stats", "row_key"]
+__all__ = ["pretrain_dataset", "fer_dataset", "iter_batches", "BatchStream", "row_key", "CORRUPT"]

@@ -3,8 +3,9 @@
 ``results.json`` holds the headline (last-epoch top-1 and the mean of the last k evaluations),
 the reference-style best epoch (labelled as selected on the test set), the validation-selected
 number when a validation split exists, per-class accuracy / F1, the confusion matrix, the
-per-epoch curve, and the provenance: backbone source + fingerprint, dataset manifest
-fingerprint, resolved config.
+per-epoch curve, the corrupt images skipped while streaming (per split; per epoch in the
+history), and the provenance: backbone source + fingerprint, dataset manifest fingerprint,
+resolved config.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def write_outputs(cfg, out: dict, context: dict, run_dir: Path, classes: list[st
     summary = summarise(out["history"], classes, last_k=cfg.run.last_k)
     last = summary["last"]
     images = sum(h.get("images", 0) for h in out["history"])
+    skipped = skipped_per_pass(out["history"])
+    if any(skipped.values()):
+        log.warning("FER %s: corrupt images skipped while streaming (one pass over each split): %s",
+                    cfg.protocol, skipped)
     results = {
         "protocol": cfg.protocol,
         # NOTE: the key keeps the name "top1_mean_last5" whatever run.last_k is (summary.last_k says
@@ -37,6 +42,7 @@ def write_outputs(cfg, out: dict, context: dict, run_dir: Path, classes: list[st
                                         "note": "reference protocol (max over epochs of test top-1); optimistic"},
         "summary": summary,
         "history": [{k: v for k, v in h.items() if not k.endswith("_confusion")} for h in out["history"]],
+        "skipped_corrupt_images": skipped,
         "backbone_unchanged": out.get("backbone_unchanged"),
         "trunk_fingerprint": out.get("trunk_fingerprint"),
         "seconds": seconds,
@@ -69,6 +75,16 @@ def write_outputs(cfg, out: dict, context: dict, run_dir: Path, classes: list[st
         seconds=seconds, summary=summary, history=out["history"])
 
 
+def skipped_per_pass(history: list[dict]) -> dict[str, int]:
+    """Corrupt images skipped in the last pass over each split (``skipped_corrupt_<split>`` of the
+    last epoch that read it); the history keeps every epoch's count."""
+    out: dict[str, int] = {}
+    for h in history:
+        out.update({k.removeprefix("skipped_corrupt_"): int(v) for k, v in h.items()
+                    if k.startswith("skipped_corrupt_")})
+    return out
+
+
 def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_dir: Path) -> str | None:
     """Params (config, backbone source + fingerprint, dataset manifest), per-epoch and final
     metrics, and the artifacts. Tracking failures are logged, never raised."""
@@ -91,7 +107,7 @@ def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_di
         now = int(time.time() * 1000)
         metrics = []
         for h in results["history"]:
-            for key in ("train_loss", "lr"):
+            for key in ("train_loss", "lr", *(k for k in h if k.startswith("skipped_corrupt_"))):
                 metrics.append(Metric(key, float(h[key]), now, int(h["epoch"])))
         for point in summary["top1_curve"]:
             metrics.append(Metric("test_top1", float(point["top1"]), now, int(point["epoch"])))

@@ -143,6 +143,12 @@ def evaluate(model: nn.Module, batches: Iterable[dict], num_classes: int, normal
     return conf.view(num_classes, num_classes)
 
 
+def skipped_corrupt(batches: Iterable[dict]) -> int:
+    """Corrupt images dropped from a pass over ``batches`` (a :class:`fra.data.stream.BatchStream`
+    counts them; other iterables drop none)."""
+    return int(getattr(batches, "skipped_corrupt", 0))
+
+
 def _all_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_distributed():
         tdist.all_reduce(t)
@@ -157,8 +163,9 @@ def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterabl
 
     Returns:
         ``{"history": [...], "backbone_unchanged": bool | None, "trunk_fingerprint": {...}}``.
-        Each history entry holds epoch, train_loss, lr and, on evaluated epochs,
-        ``test_confusion`` (and ``val_confusion``) summed over all workers.
+        Each history entry holds epoch, train_loss, lr, ``skipped_corrupt_train`` and, on
+        evaluated epochs, ``test_confusion`` (and ``val_confusion``) and
+        ``skipped_corrupt_test`` (``_val``), all summed over workers.
     """
     normalizer = Normalizer(spec.mean, spec.std, device=device)
     optimizer = optimizer or make_optimizer(model, spec)
@@ -167,19 +174,23 @@ def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterabl
     before = state_dict_fingerprint(trunk_state(model))
     step = start_epoch * spec.iters_per_epoch
     for epoch in range(start_epoch, spec.epochs):
-        stats, step = train_epoch(model, train_batches(epoch), optimizer, spec, normalizer, step, scaler)
+        batches = {"train": train_batches(epoch)}
+        stats, step = train_epoch(model, batches["train"], optimizer, spec, normalizer, step, scaler)
         totals = _all_sum(torch.tensor([stats["train_loss"] * stats["steps"], stats["steps"], stats["images"]],
                                        dtype=torch.float64))
         entry = {"epoch": epoch + 1, "train_loss": float(totals[0] / max(totals[1], 1)), "images": int(totals[2]),
                  "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": stats["train_images_per_s"]}
         if (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs:
             t0 = time.perf_counter()
-            entry["test_confusion"] = _all_sum(evaluate(model, test_batches(epoch), spec.num_classes,
-                                                        normalizer, spec.amp)).tolist()
-            if val_batches is not None:
-                entry["val_confusion"] = _all_sum(evaluate(model, val_batches(epoch), spec.num_classes,
-                                                           normalizer, spec.amp)).tolist()
+            for split, make in (("test", test_batches), ("val", val_batches)):
+                if make is not None:
+                    batches[split] = make(epoch)
+                    entry[f"{split}_confusion"] = _all_sum(evaluate(model, batches[split], spec.num_classes,
+                                                                    normalizer, spec.amp)).tolist()
             entry["eval_seconds"] = time.perf_counter() - t0
+        # Every rank read the same splits this epoch, so this collective stays in step.
+        skipped = _all_sum(torch.tensor([skipped_corrupt(b) for b in batches.values()], dtype=torch.int64))
+        entry.update({f"skipped_corrupt_{split}": int(n) for split, n in zip(batches, skipped.tolist())})
         if not math.isfinite(entry["train_loss"]):
             raise FloatingPointError(f"FER training diverged: loss {entry['train_loss']} at epoch {epoch + 1}")
         history.append(entry)

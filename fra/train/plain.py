@@ -116,8 +116,7 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
         batches = (b for i, b in enumerate(loader) if i >= start_in_epoch)
         stats = train_one_epoch(model, loss_fn, optimizer, batches, schedule, state, normalizer,
                                 log_every=cfg.run.log_every or 1, max_steps=total, on_log=on_log)
-        if state.step >= (state.epoch + 1) * iters:
-            state.epoch += 1
+        state.end_epoch(iters)
         state.history.append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
         save_checkpoint(ckpt_path, model, optimizer, state, cfg)
     if progress:

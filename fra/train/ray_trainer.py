@@ -91,6 +91,9 @@ def check_config(cfg: PretrainConfig) -> None:
         per_worker_batch(cfg.optim.batch_size, w)  # raises ConfigError with a clear message
     if cfg.scaling.amp == "fp16" and not cfg.scaling.use_gpu:
         raise ConfigError("scaling.amp=fp16 needs GPUs (CUDA autocast + GradScaler); use bf16 or off on CPU")
+    if cfg.run.keep_checkpoints < 1:
+        raise ConfigError(f"run.keep_checkpoints must be >= 1 (the newest checkpoint is what a resume needs), "
+                          f"got {cfg.run.keep_checkpoints}")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.shards is empty: give a shard root (fra shards ...) or set data.source=synthetic")
 
@@ -120,6 +123,18 @@ def check_cluster(cfg: PretrainConfig) -> int:
             f"scaling.num_workers={cfg.scaling.num_workers} needs {lo} x {need} but the cluster can place "
             f"only {fits} such workers (total {total}); lower num_workers / cpus_per_worker or add nodes")
     return fits
+
+
+def checkpoint_config(cfg: PretrainConfig):
+    """Keep the newest ``run.keep_checkpoints`` checkpoints (issue 4.2).
+
+    No score attribute: Ray's checkpoint manager then orders by report time and deletes the
+    oldest beyond K after each new report, never the latest one, so the checkpoint a run
+    resumed from stays until K newer ones exist.
+    """
+    from ray.train import CheckpointConfig
+
+    return CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -155,18 +170,26 @@ def multicrop_args(cfg: PretrainConfig) -> dict | None:
 
 
 def probe_images(manifest, split: str, size: int, n: int = 4) -> list:
-    """The first ``n`` images of the split, resized: the fixed heat-map probe batch."""
+    """The first ``n`` decodable images of the split's first row group, resized: the fixed heat-map
+    probe batch."""
     import numpy as np
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from fra.data.decode import decode_pil
+    from fra.data.decode import CorruptImageError, decode_pil
     from fra.data.readers.base import resolve
 
     fs, path = resolve(manifest.shard_uris(split)[0])
     table = pq.ParquetFile(fs.open_input_file(path)).read_row_group(0, columns=["image"])
-    return [np.asarray(decode_pil(raw).resize((size, size), Image.BILINEAR))
-            for raw in table.column("image").to_pylist()[:n]]
+    out = []
+    for raw in table.column("image").to_pylist():
+        try:
+            out.append(np.asarray(decode_pil(raw).resize((size, size), Image.BILINEAR)))
+        except CorruptImageError:
+            continue  # the stream skips and counts it; the probe just takes the next image
+        if len(out) == n:
+            break
+    return out
 
 
 def make_plan(cfg: PretrainConfig, num_rows: int) -> dict:
@@ -191,7 +214,7 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
         inject: test-only fault injection (see :meth:`WorkerHooks._maybe_inject`).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fra import tracking
@@ -240,7 +263,7 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
                                      resources_per_worker=resources_per_worker(cfg),
                                      placement_strategy=placement_strategy),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                             checkpoint_config=checkpoint_config(cfg),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              callbacks=[PlacementTimeout(timeout, f"{lo} worker(s) x {resources_per_worker(cfg)}"),
                                         *(callbacks or [])]),
@@ -362,7 +385,11 @@ def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> Ray
         restore(load_checkpoint(local / "final" / CHECKPOINT_FILE), model, restore_rng=False)
         rv = result.return_value or {}
         region = region_score(cfg, model)
-        extra = {"steps": rv.get("step"), "ray_checkpoint": result.checkpoint.path}
+        skipped = rv.get("skipped_corrupt_per_epoch", [])
+        extra = {"steps": rv.get("step"), "ray_checkpoint": result.checkpoint.path,
+                 "skipped_corrupt_images_per_epoch": skipped}
+        if any(skipped):
+            log.warning("corrupt images skipped while streaming, per epoch: %s", skipped)
         if region:
             extra["region_awareness"] = region
         export_backbone(model, local / "export", cfg, cfg.data.image_size, manifest_fingerprint=fingerprint,

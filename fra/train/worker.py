@@ -14,9 +14,8 @@ import shutil
 import signal
 import tempfile
 import time
-from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ import torch
 from fra import dist
 from fra.config import PretrainConfig, dump_yaml, from_dict, per_worker_batch, view_normalization
 from fra.engine import NonFiniteLossError, Normalizer, Schedule, TrainState, train_one_epoch
+from fra.errors import DataError
 from fra.losses import build_loss
 from fra.losses.swav import swav_collapse_check
 from fra.models import build_model, online_view
@@ -40,6 +40,8 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
+    from fra.data.stream import iter_batches
+
     cfg = from_dict(PretrainConfig, config["cfg"])
     plan = config["plan"]
     ctx = ray.train.get_context()
@@ -54,12 +56,13 @@ def train_loop_per_worker(config: dict) -> dict:
     batch = per_worker_batch(plan["global_batch"], world)
     try:
         while state.step < plan["total_steps"]:
+            stream = iter_batches(shard, batch, epoch=state.epoch, seed=cfg.data.seed, drop_last=True)
             stats = train_one_epoch(
-                model, loss_fn, optimizer, epoch_batches(shard, batch, state, plan, cfg.data.seed), schedule,
+                model, loss_fn, optimizer, epoch_batches(stream, state, plan["iters_per_epoch"]), schedule,
                 state, hooks.normalizer, online=online, scaler=scaler, amp=cfg.scaling.amp,
                 grad_clip=cfg.optim.grad_clip, log_every=cfg.run.log_every, max_steps=plan["total_steps"],
                 on_log=hooks.on_log, on_step=hooks.on_step)
-            hooks.end_epoch(state, stats)
+            hooks.end_epoch(state, {**stats, "skipped_corrupt": stream.skipped_corrupt})
     except (NonFiniteLossError, CollapseError) as exc:
         return hooks.stopped(state, exc)
     return hooks.finished(state)
@@ -108,20 +111,41 @@ def resume(checkpoint, model, optimizer, scaler, cfg: PretrainConfig, rank: int,
     return state
 
 
-def epoch_batches(shard, batch_size: int, state: TrainState, plan: dict, seed: int) -> Iterator[dict]:
+def epoch_batches(batches: Iterable[dict], state: TrainState, iters: int) -> Iterator[dict]:
     """This epoch's batches, minus those a resumed run already consumed (mid-epoch resume).
 
-    Every rank takes exactly ``iters_per_epoch`` batches (the same count whatever the world
-    size, since the per-worker batch is global / W), then drains the rest of its shard.
-    """
-    from fra.data.stream import iter_batches
+    Every rank takes exactly ``iters`` batches (the same count whatever the world size, since
+    the per-worker batch is global / W) and drains the rest of its shard. A stream that runs
+    short (corrupt images were dropped) repeats its last batch for the missing steps, so that
+    all ranks still take the same number of steps.
 
-    iters = plan["iters_per_epoch"]
-    skip = state.step - state.epoch * iters
-    it = iter(iter_batches(shard, batch_size, epoch=state.epoch, seed=seed, drop_last=True))
-    yield from islice(it, skip, iters)
-    for _ in it:  # let the streaming split finish its epoch
-        pass
+    Args:
+        batches: the whole epoch's batches of this worker, from its first one.
+        state: the loop position; ``step - epoch * iters`` batches are skipped.
+        iters: steps per epoch.
+    """
+    return _take(iter(batches), state.step - state.epoch * iters, iters)
+
+
+def _take(it: Iterator[dict], skip: int, stop: int) -> Iterator[dict]:
+    position, last = 0, None
+    for last in it:
+        position += 1
+        if position == stop:
+            # Finish the epoch's stream before its last step (also in a run's final epoch): Ray's
+            # streaming split completes and the corrupt-image count covers the whole epoch.
+            for _ in it:
+                pass
+        if position > skip:
+            yield last
+    if position < stop:
+        if last is None:
+            raise DataError("this worker's data stream delivered no batch this epoch")
+        log.warning("the data stream gave %d of %d batches this epoch (corrupt images dropped): repeating its "
+                    "last batch for %d step(s) to keep the workers in step", position, stop,
+                    stop - max(position, skip))
+        for _ in range(max(position, skip), stop):
+            yield last
 
 
 def _console() -> None:
@@ -188,9 +212,15 @@ class WorkerHooks:
                  metrics["images_per_s"], 100 * metrics["data_wait_frac"])
 
     def end_epoch(self, state: TrainState, stats: dict) -> None:
-        if state.step >= (state.epoch + 1) * self.plan["iters_per_epoch"]:
-            state.epoch += 1
+        """Epoch metrics to the history, console and MLflow, then a checkpoint.
+
+        ``skipped_corrupt`` (corrupt images this epoch, summed over workers) covers the whole
+        epoch, except in one that ``run.max_steps`` cut short (only what was read).
+        """
+        state.end_epoch(self.plan["iters_per_epoch"])
         stats = _all_reduce_metrics(dict(stats))
+        if "skipped_corrupt" in stats:
+            stats["skipped_corrupt"] = int(round(stats["skipped_corrupt"]))
         swav = self.cfg.model.swav
         if self.cfg.model.method == "swav" and state.step > swav.freeze_prototypes_iters and "loss/swav" in stats:
             # FRL_SPEC §1.2: a SwAV loss sitting at ln K once the prototypes are released means
@@ -199,6 +229,9 @@ class WorkerHooks:
                                                                warn=self.rank == 0))
         state.history.append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
         if self.rank == 0:
+            log.info("epoch %d done at step %d: loss %.4f, %d images, %d corrupt image(s) skipped",
+                     stats["epoch"] + 1, state.step, stats.get("loss", float("nan")), stats.get("images", 0),
+                     stats.get("skipped_corrupt", 0))
             self.tracker.log_metrics({f"epoch/{k}": v for k, v in stats.items()}, state.step)
             self._heatmaps(state)
         self.checkpoint(state, {"step": state.step, "epoch": state.epoch,
@@ -232,7 +265,8 @@ class WorkerHooks:
     def finished(self, state: TrainState) -> dict:
         self.tracker.close()
         return {"status": "finished", "step": state.step, "epoch": state.epoch,
-                "planned": self.plan["total_steps"], "world_size": self.world, "history": state.history}
+                "planned": self.plan["total_steps"], "world_size": self.world, "history": state.history,
+                "skipped_corrupt_per_epoch": [int(h.get("skipped_corrupt", 0)) for h in state.history]}
 
     def _heatmaps(self, state: TrainState) -> None:
         if self.probe is None or not self.cfg.run.heatmaps_every_epoch or not self.tracker.enabled:
@@ -268,7 +302,7 @@ class WorkerHooks:
 
 
 def _all_reduce_metrics(metrics: dict) -> dict:
-    """Mean of the numeric metrics over workers (images/s summed: a global throughput)."""
+    """Mean of the numeric metrics over workers; counts and images/s (a global throughput) are summed."""
     if not dist.is_distributed():
         return metrics
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("step", "epoch"))
@@ -278,5 +312,5 @@ def _all_reduce_metrics(metrics: dict) -> dict:
     vec = dist.all_reduce_mean(vec).cpu()
     out = dict(metrics)
     for k, v in zip(keys, vec.tolist()):
-        out[k] = v * dist.world_size() if k in ("images_per_s", "images") else v
+        out[k] = v * dist.world_size() if k in ("images_per_s", "images", "skipped_corrupt") else v
     return out
