@@ -42,6 +42,22 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: CUDA under NCCL (it refuses CPU tensors), else CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum_host(tensor: torch.Tensor) -> torch.Tensor:
+    """SUM over workers of a host-side tensor (counters, metrics) on any backend; returns it on the CPU."""
+    if not is_distributed():
+        return tensor
+    out = tensor.to(collective_device())
+    dist.all_reduce(out)
+    return out.cpu()
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over workers with the reference's gradient semantics.
 

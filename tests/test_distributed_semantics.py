@@ -68,3 +68,16 @@ def test_two_gloo_workers_match_full_batch(tmp_path):
         ddp = torch.cat([r["grads"][part] for r in ranks]) / W  # DDP averages worker gradients
         torch.testing.assert_close(ddp, factor * full_grads[part], rtol=1e-9, atol=1e-14)
     assert per * W == 8
+
+
+def test_host_collectives_go_to_cuda_under_nccl(monkeypatch):
+    """Counters and metrics are CPU tensors; NCCL refuses those, so they travel on the GPU."""
+    from fra import dist as fdist
+
+    assert fdist.collective_device().type == "cpu" and fdist.all_reduce_sum_host(torch.ones(2)).tolist() == [1, 1]
+    monkeypatch.setattr(fdist, "is_distributed", lambda: True)
+    monkeypatch.setattr(fdist.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(fdist.torch.cuda, "current_device", lambda: 0)
+    assert fdist.collective_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(fdist.dist, "get_backend", lambda *a: "gloo")
+    assert fdist.collective_device() == torch.device("cpu")

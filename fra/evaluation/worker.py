@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 
 from fra import dist
@@ -149,12 +148,6 @@ def skipped_corrupt(batches: Iterable[dict]) -> int:
     return int(getattr(batches, "skipped_corrupt", 0))
 
 
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_distributed():
-        tdist.all_reduce(t)
-    return t
-
-
 def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterable[dict]],
         test_batches: Callable[[int], Iterable[dict]], val_batches: Callable[[int], Iterable[dict]] | None = None,
         device: torch.device | str = "cpu", start_epoch: int = 0, history: list | None = None,
@@ -176,7 +169,7 @@ def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterabl
     for epoch in range(start_epoch, spec.epochs):
         batches = {"train": train_batches(epoch)}
         stats, step = train_epoch(model, batches["train"], optimizer, spec, normalizer, step, scaler)
-        totals = _all_sum(torch.tensor([stats["train_loss"] * stats["steps"], stats["steps"], stats["images"]],
+        totals = dist.all_reduce_sum_host(torch.tensor([stats["train_loss"] * stats["steps"], stats["steps"], stats["images"]],
                                        dtype=torch.float64))
         entry = {"epoch": epoch + 1, "train_loss": float(totals[0] / max(totals[1], 1)), "images": int(totals[2]),
                  "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": stats["train_images_per_s"]}
@@ -185,11 +178,11 @@ def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterabl
             for split, make in (("test", test_batches), ("val", val_batches)):
                 if make is not None:
                     batches[split] = make(epoch)
-                    entry[f"{split}_confusion"] = _all_sum(evaluate(model, batches[split], spec.num_classes,
+                    entry[f"{split}_confusion"] = dist.all_reduce_sum_host(evaluate(model, batches[split], spec.num_classes,
                                                                     normalizer, spec.amp)).tolist()
             entry["eval_seconds"] = time.perf_counter() - t0
         # Every rank read the same splits this epoch, so this collective stays in step.
-        skipped = _all_sum(torch.tensor([skipped_corrupt(b) for b in batches.values()], dtype=torch.int64))
+        skipped = dist.all_reduce_sum_host(torch.tensor([skipped_corrupt(b) for b in batches.values()], dtype=torch.int64))
         entry.update({f"skipped_corrupt_{split}": int(n) for split, n in zip(batches, skipped.tolist())})
         if not math.isfinite(entry["train_loss"]):
             raise FloatingPointError(f"FER training diverged: loss {entry['train_loss']} at epoch {epoch + 1}")

@@ -306,9 +306,7 @@ def _all_reduce_metrics(metrics: dict) -> dict:
     if not dist.is_distributed():
         return metrics
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("step", "epoch"))
-    vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        vec = vec.cuda()
+    vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=dist.collective_device())
     vec = dist.all_reduce_mean(vec).cpu()
     out = dict(metrics)
     for k, v in zip(keys, vec.tolist()):
