@@ -201,3 +201,44 @@ def test_pipeline_sections_fill_a_bare_sweep_section(tmp_path):
     # what the pipeline runner passes: its own (already substituted) sections
     data = sweep_section(pipeline["sweep"], pipeline["pretrain"], pipeline["evaluate"])
     assert data["fer"]["data"]["shards"] == "fer/shards" and data["pretrain"]["optim"]["epochs"] == 2
+
+
+def test_best_pipeline_is_a_fra_run_pipeline_with_the_best_trial(tmp_path, capsys):
+    import json
+
+    from fra.cli.main import main
+    from fra.config import dump_yaml, load_config, to_dict
+    from fra.pipeline import load_pipeline, stage_config
+    from fra.tuning import report
+    from fra.tuning.space import set_paths
+    from fra.tuning.trial import TrialSetup, trial_pretrain_config
+
+    cfg = _demo(tmp_path, **{"fer.run.storage_path": str(tmp_path / "fer_elsewhere")})
+    res = resolve(cfg)
+    exp, tid = tmp_path / cfg.run.name, "fra_trial_00002"
+    params = {"model.num_proto": 8, "model.teacher_temp": 0.031, "model.loss_weight": 0.42,
+              "model.loss_w_cluster": 0.12}
+    setup = TrialSetup(base=to_dict(res.base), fer={}, objective=to_dict(cfg.objective), sweep_dir=str(exp))
+    dump_yaml(trial_pretrain_config(setup, params, tid), exp / "trials" / tid / "pretrain.yaml")
+    (exp / "trials" / tid / "result.json").write_text(json.dumps({"trial_id": tid, "params": params,
+                                                                  "report": {"objective": 41.0}}))
+    fer = set_paths(to_dict(res.fer), {"data.shards": str(tmp_path / "fer_shards"), "protocol": "linear"})
+    uri = f"sqlite:///{tmp_path}/sweeps.db"
+    files = report.write_best({"trial_id": tid, "objective": 41.0}, exp, cfg, fer, uri)
+
+    best = load_pipeline(files["pipeline"])  # what `fra run` loads
+    assert best.stages == ["pretrain", "evaluate", "register", "promote"] and best.ray.num_cpus == 4
+    assert best.tracking.mlflow_uri == uri and best.register.name == cfg.run.name
+    pre = stage_config(best, "pretrain")
+    trial = load_config(PretrainConfig, exp / "trials" / tid / "pretrain.yaml")
+    assert (pre.model, pre.optim, pre.data, pre.scaling) == (trial.model, trial.optim, trial.data, trial.scaling)
+    assert (pre.model.num_proto, pre.model.teacher_temp, pre.model.loss_weight, pre.model.loss_w_cluster) == \
+        (8, 0.031, 0.42, 0.12)
+    assert pre.run.name == f"{best.name}-pretrain" and pre.tracking.enabled and pre.tracking.mlflow_uri == uri
+    ev = stage_config(best, "evaluate")  # the trial's chained evaluation, of the pipeline's pretraining
+    assert (ev.protocol, ev.data.shards, ev.data.val_fraction) == ("linear", str(tmp_path / "fer_shards"), 0.2)
+    assert ev.backbone.source == "auto" and ev.optim == res.fer.optim and ev.tracking.mlflow_uri == uri
+    assert ev.run.storage_path == str(tmp_path / "fer_elsewhere")  # set in the sweep, so kept
+    assert main(["run", str(files["pipeline"]), "--dry-run"]) == 0
+    assert "is valid" in capsys.readouterr().out
+    assert load_config(PretrainConfig, files["config"]).model == trial.model  # fra pretrain's file

@@ -12,8 +12,9 @@ logical CPUs). One sweep covers everything, to stay within the suite's time budg
   sweep is resumed in this process: the finished trial is not started again
   (``trial_starts.jsonl``) and the interrupted trial continues its pretraining from its
   checkpoint (no epoch is reported twice).
-* outputs: the table (CSV), the plot, the best config (it reproduces the best trial's settings),
-  the exported backbone, and the MLflow parent run with one nested run per trial.
+* outputs: the table (CSV), the plot, the best config and the best pipeline (`fra run` loads it;
+  both reproduce the best trial's settings), the exported backbone, and the MLflow parent run with
+  one nested run per trial.
 """
 from __future__ import annotations
 
@@ -133,8 +134,16 @@ def test_sweep_asha_kill_and_resume_end_to_end(ray_local, storage):
     assert cfg.model == trial_cfg.model and cfg.optim == trial_cfg.optim and cfg.data == trial_cfg.data
     assert cfg.model.loss_w_cluster == best["loss_w_cluster"] == result.best_params["model.loss_w_cluster"]
     assert cfg.run.name == "sweep-best" and cfg.tracking.enabled
-    pipeline = yaml.safe_load(result.best_pipeline_path.read_text())
-    assert pipeline["pretrain"]["model"] == yaml.safe_load(result.best_config_path.read_text())["model"]
+    # best_pipeline.yaml is a `fra run` pipeline that pretrains with the best trial's settings
+    from fra.pipeline import load_pipeline, stage_config
+
+    pipeline = load_pipeline(result.best_pipeline_path)
+    assert pipeline.stages == ["pretrain", "evaluate", "register", "promote"]
+    pre = stage_config(pipeline, "pretrain")
+    assert pre.model == trial_cfg.model and pre.optim == trial_cfg.optim and pre.data == trial_cfg.data
+    assert pre.model.loss_w_cluster == result.best_params["model.loss_w_cluster"]
+    fer = stage_config(pipeline, "evaluate")
+    assert fer.backbone.source == "auto" and fer.protocol == "linear" and fer.data.val_fraction == 0.2
 
     from mlflow.tracking import MlflowClient
 

@@ -25,6 +25,8 @@ def summary(cfg, outputs: dict) -> str:
     if "sweep" in outputs:
         s = outputs["sweep"]
         lines.append(f"  sweep best config:   {s.get('best_config_path') or s.get('best_config')}")
+        if s.get("best_pipeline_path"):
+            lines.append(f"  sweep best pipeline: {s['best_pipeline_path']}  (fra run reproduces the best trial)")
     if "evaluate" in outputs:
         e = outputs["evaluate"]
         lines.append(f"  FER top-1 (mean of last evals) {e['top1_mean_last5']:.2f}%, last {e['top1_last']:.2f}%, "

@@ -4,8 +4,9 @@ CONFIG is a sweep YAML (``tune_configs/*.yaml``) or a pipeline YAML with a ``swe
 without it the embedded demo (``tune_configs/demo_sweep.yaml``: synthetic faces, tiny ResNet-18)
 runs. Each trial pretrains and is then evaluated on FER (the chained objective). Running the same
 command again resumes an interrupted sweep without re-running finished trials. Writes
-``results.csv``, ``objective.png``, ``best_pretrain.yaml`` and ``best_pipeline.yaml`` under
-``run.storage_path/run.name``.
+``results.csv``, ``objective.png``, ``best_pretrain.yaml`` (``fra pretrain`` runs it) and
+``best_pipeline.yaml`` (``fra run`` runs it: the best trial's pretraining -> its FER evaluation ->
+register -> promote) under ``run.storage_path/run.name``.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_params.items())
     print(f"best trial {result.best_trial_id}: {cfg.objective.metric}={result.best_objective:.2f}% ({params})\n"
-          f"best config:   {result.best_config_path}\npipeline:      {result.best_pipeline_path}\n"
+          f"best config:   {result.best_config_path}\npipeline:      {result.best_pipeline_path}  (fra run)\n"
           f"backbone:      {result.best_backbone}\ntable:         {result.table_path}\n"
           f"plot:          {result.plot_path}\nmlflow run:    {result.mlflow_run_id or '-'}")
     return 0

@@ -1,4 +1,5 @@
-"""Sweep outputs: the results table (CSV + console), the objective plot, the best config files.
+"""Sweep outputs: the results table (CSV + console), the objective plot, the best config files
+(a pretrain config and a ``fra run`` pipeline).
 
 Rows come from Tune's trials plus each trial's files. A trial's status is ``completed`` (its
 ``result.json`` holds the chained FER objective), ``stopped_early`` (the scheduler recorded
@@ -7,6 +8,7 @@ guard) or ``unfinished`` (an interrupted sweep).
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -17,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from fra.tuning.config import finite
-from fra.tuning.space import Param
+from fra.tuning.config import SweepConfig, finite
+from fra.tuning.space import Param, set_paths
 from fra.tuning.trial import STARTS_FILE
 from fra.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -165,23 +167,37 @@ def plot_objective(rows: list[dict], params: list[Param], path: Path) -> Path | 
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def write_best(row: dict, exp_dir: Path, base_pretrain: dict, fer: dict, sweep_name: str,
-               objective_metric: str) -> dict[str, Path]:
-    """``best_pretrain.yaml`` (a PretrainConfig: ``fra pretrain`` runs it), ``best_pipeline.yaml``
-    (``pretrain:`` + ``fer:`` sections) and ``best.json`` for the best trial."""
+def write_best(row: dict, exp_dir: Path, cfg: SweepConfig, fer: dict, tracking_uri: str = "") -> dict[str, Path]:
+    """Write the best trial's ``best_pretrain.yaml``, ``best_pipeline.yaml`` and ``best.json``.
+
+    ``best_pretrain.yaml`` is a PretrainConfig (``fra pretrain`` runs it); ``best_pipeline.yaml`` is
+    a pipeline (``fra run`` runs it, see :func:`best_pipeline`).
+
+    Args:
+        row: the best row of :func:`collect_rows`.
+        exp_dir: the sweep directory (holds ``trials/<id>/pretrain.yaml`` and ``result.json``).
+        cfg: the sweep config.
+        fer: the FER mapping of the chained evaluation (shards filled in).
+        tracking_uri: the MLflow URI the sweep logged to ("" = the pipeline's own sqlite file).
+    """
     tid = row["trial_id"]
     trial_cfg = yaml.safe_load((exp_dir / "trials" / tid / "pretrain.yaml").read_text())
+    base_pretrain = cfg.pretrain
     # The trial's own settings, but a fresh run name and the base's storage and tracking.
-    trial_cfg["run"] = {**trial_cfg["run"], "name": f"{sweep_name}-best",
-                        "storage_path": base_pretrain.get("run", {}).get("storage_path", "runs")}
-    trial_cfg["tracking"] = {**trial_cfg["tracking"], "enabled": True, **base_pretrain.get("tracking", {})}
-    header = (f"# Best trial {tid} of sweep {sweep_name}: {objective_metric} = {row['objective']:.4g} "
+    standalone = {**trial_cfg, "run": {**trial_cfg["run"], "name": f"{cfg.run.name}-best",
+                                       "storage_path": base_pretrain.get("run", {}).get("storage_path", "runs")},
+                  "tracking": {**trial_cfg["tracking"], "enabled": True, **base_pretrain.get("tracking", {})}}
+    pipeline = best_pipeline(trial_cfg, cfg, fer, tracking_uri, exp_dir.parent / f"{cfg.run.name}-best")
+    header = (f"# Best trial {tid} of sweep {cfg.run.name}: {cfg.objective.metric} = {row['objective']:.4g} "
               f"(FER validation carve; test top-1 last = {_fmt(row.get('test_top1_last'))}).\n"
-              f"# Written by fra tune from {exp_dir}; ready to run.\n")
+              f"# Written by fra tune from {exp_dir}.\n")
     out = {"config": exp_dir / "best_pretrain.yaml", "pipeline": exp_dir / "best_pipeline.yaml",
            "json": exp_dir / "best.json"}
-    atomic_write_text(out["config"], header + yaml.safe_dump(trial_cfg, sort_keys=False))
-    atomic_write_text(out["pipeline"], header + yaml.safe_dump({"pretrain": trial_cfg, "fer": fer}, sort_keys=False))
+    atomic_write_text(out["config"], header + f"# Run: fra pretrain {out['config']}\n"
+                      + yaml.safe_dump(standalone, sort_keys=False))
+    atomic_write_text(out["pipeline"], header + f"# Run: fra run {out['pipeline']}  (pretrain -> evaluate -> "
+                      "register -> promote; --set stages=[pretrain,evaluate] to skip the registry)\n"
+                      + yaml.safe_dump(pipeline, sort_keys=False))
     done = json.loads((exp_dir / "trials" / tid / "result.json").read_text())
     atomic_write_json(out["json"], {"trial_id": tid, "params": done["params"], "report": done["report"],
                                     "pretrain": done.get("pretrain", {}), "fer": done.get("fer", {}),
@@ -189,5 +205,36 @@ def write_best(row: dict, exp_dir: Path, base_pretrain: dict, fer: dict, sweep_n
     return out
 
 
+def best_pipeline(trial_cfg: dict, cfg: SweepConfig, fer: dict, tracking_uri: str, storage: Path) -> dict:
+    """A ``fra run`` pipeline reproducing a trial: pretrain -> evaluate -> register -> promote.
+
+    The pretrain section is the trial's resolved config and the evaluate section the trial's
+    chained evaluation (same protocol, data and validation carve) of the pipeline's own
+    pretraining. Run names, storage and the MLflow URI are left to the pipeline unless the
+    sweep's base sections set them.
+    """
+    pretrain = _pipeline_section(trial_cfg, cfg.pretrain)
+    pretrain["tracking"] = {**pretrain["tracking"], "enabled": True, **cfg.pretrain.get("tracking", {})}
+    values = {"protocol": cfg.objective.protocol, "backbone.source": "auto", "tracking.enabled": True}
+    if not fer.get("data", {}).get("val_split"):
+        values["data.val_fraction"] = cfg.objective.val_fraction
+    evaluate = _pipeline_section(set_paths(fer, values), cfg.fer)
+    ray = {k: v for k, v in (("address", cfg.run.ray_address), ("num_cpus", cfg.run.num_cpus)) if v}
+    return {"name": f"{cfg.run.name}-best", "storage_path": str(storage),
+            "stages": ["pretrain", "evaluate", "register", "promote"], **({"ray": ray} if ray else {}),
+            "tracking": {"mlflow_uri": tracking_uri}, "pretrain": pretrain, "evaluate": evaluate,
+            "register": {"name": cfg.run.name}, "promote": {"gate_metric": "fer_top1_mean_last5", "margin": 0.0}}
+
+
+def _pipeline_section(resolved: dict, written: dict) -> dict:
+    """``resolved`` without the run name, and without storage and MLflow URI unless ``written`` sets them."""
+    out = copy.deepcopy(resolved)
+    out["run"].pop("name", None)
+    for section, key in (("run", "storage_path"), ("tracking", "mlflow_uri")):
+        if key not in (written.get(section) or {}):
+            out.get(section, {}).pop(key, None)
+    return out
+
+
 __all__ = ["collect_rows", "count_starts", "best_row", "write_table", "format_table", "plot_objective",
-           "write_best", "METRIC_COLUMNS", "STOPPED_FILE"]
+           "write_best", "best_pipeline", "METRIC_COLUMNS", "STOPPED_FILE"]

@@ -44,7 +44,7 @@ class SweepResult:
     best_objective: float | None
     best_metrics: dict[str, Any]
     best_config_path: Path | None  # ready-to-run PretrainConfig YAML
-    best_pipeline_path: Path | None  # pretrain + fer sections
+    best_pipeline_path: Path | None  # a `fra run` pipeline: pretrain -> evaluate -> register -> promote
     best_export_dir: Path | None  # the best trial's exported backbone + model card (for registration)
     best_backbone: Path | None
     table_path: Path
@@ -224,7 +224,7 @@ def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: Path, fer: dic
     done: dict = {}
     if best is not None:
         fer_out = set_paths(fer, {"tracking.enabled": True})
-        files = report.write_best(best, exp_dir, cfg.pretrain, fer_out, cfg.run.name, cfg.objective.metric)
+        files = report.write_best(best, exp_dir, cfg, fer_out, uri)
         done = json.loads((exp_dir / "trials" / best["trial_id"] / "result.json").read_text())
         log.info("best trial %s: %s = %.4g -> %s", best["trial_id"], cfg.objective.metric, best["objective"],
                  files["config"])
