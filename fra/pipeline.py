@@ -6,7 +6,8 @@ outputs, so a re-run skips completed stages, an interrupted run resumes at the s
 did not finish (and inside it: Ray Train resumes from the last checkpoint), and changing a
 stage's configuration re-runs it and everything after it.
 
-Strings may use ``${storage}`` (the pipeline's absolute storage path) and ``${name}``.
+Strings may use ``${storage}`` (the pipeline's absolute storage path), ``${name}`` and the
+entries of the ``vars:`` mapping (``${rafdb_root}``; override with ``--set vars.rafdb_root=...``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +73,7 @@ class PipelineConfig:
 
     name: str = "pipeline"
     storage_path: str = "runs/pipeline"
+    vars: dict = field(default_factory=dict)  # ${key} substitutions, e.g. dataset roots
     stages: list[str] = field(default_factory=lambda: ["pretrain", "evaluate", "register", "promote"])
     ray: RayRuntime = field(default_factory=RayRuntime)
     tracking: PipelineTracking = field(default_factory=PipelineTracking)
@@ -112,13 +115,35 @@ def load_pipeline(path: str | Path, overrides=()) -> PipelineConfig:
         raise ConfigError("pipeline storage_path must be a filesystem path (local or a shared mount): it holds "
                           "pipeline_state.json; stage outputs (pretrain.run.storage_path, shards out) may be s3:// URIs")
     storage = str(Path(raw.get("storage_path", f"runs/{name}")).expanduser().resolve())
-    raw = _substitute(raw, {"storage": storage, "name": name})
+    variables = raw.get("vars") or {}
+    if not isinstance(variables, dict):
+        raise ConfigError(f"{path}: 'vars' must be a mapping of names to values")
+    values = {**{str(k): str(v) for k, v in variables.items()}, "storage": storage, "name": name}
+    raw = _substitute(raw, values)
     raw["storage_path"], raw["name"] = storage, name
+    left = sorted(set(re.findall(r"\$\{([^}]*)\}", json.dumps(raw, default=str))))
+    if left:
+        raise ConfigError(f"{path}: undefined ${{...}} name(s) {left}; defined: {sorted(values)} "
+                          "(add them under vars:)")
     cfg = from_dict(PipelineConfig, raw)
     # Validate every stage's config before anything runs.
     for stage in cfg.stages:
         stage_config(cfg, stage)
+    _check_registered_source(cfg)
     return cfg
+
+
+def _check_registered_source(cfg: PipelineConfig) -> None:
+    """The register stage needs a local export: refuse, before anything runs, to register what it cannot."""
+    if "register" not in cfg.stages or "evaluate" not in cfg.stages:
+        return
+    from fra.evaluation.backbones import MLFLOW_SCHEMES
+
+    source = stage_config(cfg, "evaluate").backbone.source
+    if source == "random" or source.startswith(("random:", *MLFLOW_SCHEMES)):
+        raise ConfigError(f"the register stage registers the evaluated backbone, but evaluate.backbone.source is "
+                          f"{source!r}: point it at an export directory or checkpoint, or drop register/promote "
+                          "from stages (e.g. --set stages=[shards,evaluate]) to only evaluate it")
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:

@@ -106,11 +106,11 @@ def test_config_protocol_defaults_and_validation():
     assert iters_per_epoch(5, 256, 1) == 1
 
 
-@pytest.mark.parametrize("name", ["fer_rafdb.yaml", "fer_synthetic.yaml"])
+@pytest.mark.parametrize("name", ["fer_rafdb_finetune.yaml", "fer_synthetic.yaml"])
 def test_pipeline_yamls_load(name):
     cfg = load_config(FERConfig, PIPELINES / name)
     assert cfg.data.shards and cfg.backbone.source
-    if name == "fer_rafdb.yaml":  # the reference RAF-DB fine-tune protocol
+    if name == "fer_rafdb_finetune.yaml":  # the reference RAF-DB fine-tune protocol
         recipe = (cfg.protocol, cfg.data.image_size, cfg.optim.batch_size, cfg.optim.epochs)
         assert recipe == ("finetune", 224, 256, 100)
         assert resolve_optim(cfg)["lr"] == 2e-4 and cfg.backbone.arch == "resnet50"

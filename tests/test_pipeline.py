@@ -1,6 +1,7 @@
-"""`fra run`: the shipped pipelines validate, and the demo chain runs end to end (shortened),
-resumes at the stage that was interrupted, skips finished stages and promotes a champion that
-loads by name."""
+"""`fra run`: the shipped pipelines validate; the demo chain runs end to end (shortened), resumes at
+the stage that was interrupted, skips finished stages and promotes a champion that loads by name;
+the RAF-DB pipeline runs from the official layout; the sweep chain registers the best trial's
+backbone without retraining it."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ SHORT = ["pretrain.optim.epochs=1", "pretrain.data.synthetic.num_identities=10",
          "evaluate.optim.epochs=2", "evaluate.optim.warmup_epochs=0", "evaluate.run.last_k=1"]
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "pretrain_vggface2.yaml", "sweep_then_promote.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "pretrain_vggface2.yaml", "fer_rafdb.yaml", "sweep_then_promote.yaml"])
 def test_shipped_pipelines_validate(name):
     cfg = load_pipeline(PIPELINES / name)
     assert cfg.stages and all(stage_config(cfg, s) is not None for s in cfg.stages)
@@ -30,6 +31,38 @@ def test_vggface2_pipeline_is_the_reference_recipe():
     assert (o.optimizer, o.lr, o.lr_scaling, o.weight_decay, o.epochs, o.warmup_epochs, o.batch_size) == \
         ("lars", 0.9, "none", 1e-6, 50, 10, 512)
     assert pre.data.image_size == 224 and pre.scaling.use_gpu and pre.scaling.amp == "fp16"
+
+
+def test_rafdb_pipeline_is_the_reference_protocol_from_the_official_layout():
+    from fra.config import load_config, to_dict
+    from fra.evaluation.fer import FERConfig
+
+    cfg = load_pipeline(PIPELINES / "fer_rafdb.yaml", ["vars.rafdb_root=/mnt/raf/basic"])
+    assert cfg.stages == ["shards", "evaluate", "register", "promote"]
+    (job,) = stage_config(cfg, "shards")
+    assert (job.source, job.root, job.out) == ("rafdb", "/mnt/raf/basic", f"{cfg.storage_path}/shards/rafdb")
+    fer = to_dict(stage_config(cfg, "evaluate"))
+    recipe = to_dict(load_config(FERConfig, PIPELINES / "fer_rafdb_finetune.yaml"))  # `fra evaluate fer` config
+    assert fer["data"] == {**recipe["data"], "shards": job.out}
+    for key in ("protocol", "optim", "scaling", "backbone"):
+        assert fer[key] == recipe[key], key
+    assert (fer["run"]["eval_every"], fer["run"]["last_k"]) == (recipe["run"]["eval_every"], recipe["run"]["last_k"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("shards=[{source: rafdb, root: '${raf_root}', out: x}]", r"undefined \$\{\.\.\.\} name\(s\) \['raf_root'\]"),
+    ("evaluate.backbone.source=models:/fra-r50-vggface2@champion", "drop register/promote"),
+    ("evaluate.backbone.source=random:resnet18", "register stage registers the evaluated backbone"),
+])
+def test_rafdb_pipeline_refuses_what_it_cannot_run(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_pipeline(PIPELINES / "fer_rafdb.yaml", [override])
+
+
+def test_rafdb_pipeline_evaluates_a_registered_model_without_the_registry_stages():
+    source = "models:/fra-r50-vggface2@champion"
+    cfg = load_pipeline(PIPELINES / "fer_rafdb.yaml", ["stages=[shards,evaluate]", f"evaluate.backbone.source={source}"])
+    assert stage_config(cfg, "evaluate").backbone.source == source
 
 
 @pytest.mark.parametrize("override, match", [
@@ -82,3 +115,88 @@ def test_demo_chain_interrupted_resumed_skipped_and_champion_loads(ray_local, tm
     champion = resolve_backbone("models:/fra-demo@champion", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     exported = resolve_backbone(summary["pretrain"]["export_dir"])
     assert champion.fingerprint == exported.fingerprint  # the promoted model is the pretrained backbone
+
+
+def _argv(pipeline: str, sets: list[str]) -> list[str]:
+    return ["run", str(PIPELINES / pipeline), *[x for o in sets for x in ("--set", o)]]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rafdb_pipeline_runs_from_the_official_layout_and_promotes(ray_local, tmp_path, capsys):
+    import torch
+
+    from fra.cli.main import main
+    from fra.config import ModelConfig, PretrainConfig
+    from fra.models import build_model
+    from fra.registry import DATASET_TAG, METRIC_TAG_PREFIX, PROTOCOL_TAG, client, show
+    from fra.train.checkpointing import export_backbone
+    from tests.data_layouts import build_rafdb
+
+    root, storage = tmp_path / "RAF-DB" / "basic", tmp_path / "fer_rafdb"
+    expected = build_rafdb(root)
+    model = ModelConfig(backbone="resnet18", hidden_dim=64, proj_dim=32, num_proto=4, decoder_heads=4, decoder_ffn=64)
+    torch.manual_seed(0)
+    export_backbone(build_model(model), tmp_path / "export", PretrainConfig(model=model), 64)
+    sets = [f"storage_path={storage}", f"vars.rafdb_root={root}", "ray.address=", "register.name=fra-rafdb-test",
+            f"evaluate.backbone.source={tmp_path / 'export'}", "evaluate.backbone.arch=resnet18",
+            "evaluate.data.image_size=32", "evaluate.optim.epochs=1", "evaluate.optim.warmup_epochs=0",
+            "evaluate.optim.batch_size=8", "evaluate.run.last_k=1", "evaluate.run.checkpoint_every=0",
+            "evaluate.scaling.num_workers=0", "evaluate.scaling.use_gpu=false", "evaluate.scaling.amp=auto"]
+    assert main(_argv("fer_rafdb.yaml", sets)) == 0
+    assert "promotion: promoted" in capsys.readouterr().out
+
+    out = json.loads((storage / "summary.json").read_text())
+    shards = out["shards"][str(storage / "shards" / "rafdb")]
+    assert {s: c["total"] for s, c in shards["counts"].items()} == {s: len(v) for s, v in expected.good.items()}
+    results = json.loads(Path(out["evaluate"]["results_path"]).read_text())
+    assert results["protocol"] == "finetune" and results["dataset"]["name"] == "rafdb"
+    assert results["resolved"]["test_split"] == "test" and results["dataset"]["rows"]["test"] == len(expected.good["test"])
+    reg = out["register"]
+    assert (reg["version"], reg["protocol"], reg["dataset_fingerprint"]) == (1, "finetune/rafdb/test", shards["fingerprint"])
+    uri = f"sqlite:///{storage}/mlflow.db"
+    tags = client(uri).get_model_version("fra-rafdb-test", "1").tags  # the RAF-DB metrics are on the version
+    assert float(tags[METRIC_TAG_PREFIX + "fer_top1_mean_last5"]) == pytest.approx(out["evaluate"]["top1_mean_last5"])
+    assert (tags[PROTOCOL_TAG], tags[DATASET_TAG]) == ("finetune/rafdb/test", shards["fingerprint"])
+    assert out["promote"]["decision"] == "promoted" and show("fra-rafdb-test", uri)["aliases"] == {"champion": 1}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_chain_registers_the_best_trial_without_retraining(ray_local, tmp_path, capsys):
+    from fra.cli.main import main
+    from fra.evaluation.backbones import resolve_backbone
+    from fra.registry import show
+
+    # One trial of one epoch; no per-epoch proxy or ASHA (tests/test_tune_sweep.py covers them). The
+    # evaluate stage runs in-process (num_workers=0); the trial's chained evaluation keeps one worker.
+    sets = [f"storage_path={tmp_path}", "sweep.num_samples=1", "sweep.objective.proxy=none", "sweep.scheduler.name=none",
+            "pretrain.optim.epochs=1", "pretrain.data.synthetic.num_identities=6", "evaluate.data.image_size=32",
+            "evaluate.optim.epochs=1", "evaluate.optim.warmup_epochs=0", "evaluate.run.last_k=1",
+            "evaluate.scaling.num_workers=0"]
+    assert main(_argv("sweep_then_promote.yaml", sets)) == 0
+    printed = capsys.readouterr().out
+    assert "promotion: promoted" in printed and "sweep best pipeline:" in printed
+
+    out = json.loads((tmp_path / "summary.json").read_text())
+    assert list(out) == ["shards", "sweep", "evaluate", "register", "promote"]  # no pretrain stage
+    sweep = out["sweep"]
+    train_runs = Path(sweep["experiment_dir"]) / "train_runs"
+    trial_runs = sorted(p.name for p in train_runs.glob("train_*"))
+    assert trial_runs == [f"train_{sweep['best_trial_id']}"]  # one trial, trained once
+    # the evaluation and the registry got the best trial's own export, not a new training run
+    assert out["evaluate"]["backbone"] == sweep["best_backbone"]
+    assert Path(sweep["best_backbone"]).is_relative_to(train_runs / trial_runs[0])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    champion = resolve_backbone("models:/fra-sweep@champion", tracking_uri=uri)
+    assert champion.fingerprint == resolve_backbone(sweep["best_backbone"]).fingerprint
+    assert out["register"]["metrics"]["fer_top1_mean_last5"] == pytest.approx(out["evaluate"]["top1_mean_last5"])
+    assert out["promote"]["champion"] == 1 and show("fra-sweep", uri)["aliases"] == {"champion": 1}
+
+    # the sweep's best_pipeline.yaml is a `fra run` pipeline with the best trial's settings
+    best = load_pipeline(sweep["best_pipeline_path"])
+    pre = stage_config(best, "pretrain")
+    for path, value in sweep["best_params"].items():
+        section, key = path.split(".")
+        assert getattr(getattr(pre, section), key) == value, path
+    assert stage_config(best, "evaluate").data.shards == str(tmp_path / "shards" / "fer_faces")
