@@ -244,6 +244,29 @@ def test_cli_list_show_and_refused_exit_code(registry, capsys):
     assert [m["champion"] for m in list_models(uri) if m["name"] == NAME] == [1]
 
 
+def test_cli_rollback_restores_the_previous_champion_and_records_it(registry, capsys):
+    uri = registry["uri"]
+    better = _copy_of_v1(registry, 64.0)
+    assert fra_main(["registry", "promote", NAME, "1", "--tracking-uri", uri]) == 0
+    assert fra_main(["registry", "promote", NAME, str(better), "--tracking-uri", uri]) == 0
+    assert show(NAME, uri)["aliases"]["champion"] == better
+    capsys.readouterr()
+
+    assert fra_main(["registry", "rollback", NAME, "--tracking-uri", uri]) == 0
+    assert f"{NAME} v1: rolled_back" in capsys.readouterr().out
+    assert show(NAME, uri)["aliases"]["champion"] == 1
+    last = read_history(client(uri), NAME)[-1]
+    assert (last["decision"], last["candidate"], last["previous_champion"]) == ("rolled_back", 1, better)
+    assert (last["candidate_value"], last["champion_value"]) == (60.0, 64.0) and "@" in last["who"]
+    assert fra_main(["registry", "show", NAME, "--tracking-uri", uri]) == 0
+    assert f"v1 rolled_back (previous champion {better})" in capsys.readouterr().out
+
+    # v1 was the first champion: nothing earlier to restore, a clear error and the champion stays
+    assert fra_main(["registry", "rollback", NAME, "--tracking-uri", uri]) == 1
+    assert "first champion" in capsys.readouterr().err
+    assert show(NAME, uri)["aliases"]["champion"] == 1
+
+
 def test_dead_server_fails_fast_and_registers_nothing(export_dir, tmp_path, monkeypatch):
     import mlflow
 
