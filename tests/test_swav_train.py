@@ -40,6 +40,15 @@ def _config(tmp_path: Path, name: str, data: dict, *overrides: str) -> PretrainC
     return load_pretrain_config(str(path), [f"run.storage_path={tmp_path}", *overrides], name)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread (see tests/test_fer_eval.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---- no Ray ------------------------------------------------------------------------------------
 def test_larc_step_is_apex_larc_without_clipping():
     """One step by hand: g' = trust·‖w‖/(‖g‖ + λ‖w‖ + eps)·(g + λw); buf = g'; w -= lr·buf."""
@@ -95,6 +104,76 @@ def test_plain_runner_refuses_multicrop_with_a_clear_message(tmp_path):
         pretrain_plain(_config(tmp_path, "plain", SWAV), progress=False)
 
 
+def _collapsed_swav_epoch(tmp_path, monkeypatch, rank=0, *overrides):
+    """One epoch of the worker's loop (WorkerHooks + train_one_epoch, no Ray) on a SwAV model
+    whose prototypes are zero: every prediction is uniform, so the loss is ln P. The epoch is
+    the one in which the prototypes are released (its last step is the first that moves them).
+
+    Returns (cfg, hooks, state, epoch stats, the metrics the hooks would report to Ray).
+    """
+    from fra.engine import Schedule, TrainState, train_one_epoch
+    from fra.losses import build_loss
+    from fra.models import build_model, online_view
+    from fra.train.guards import SyncedNonFinite
+    from fra.train.worker import WorkerHooks
+
+    cfg = _config(tmp_path, "collapse", SWAV, "model.swav.size_crops=[32,16]", *overrides)
+    plan = {"iters_per_epoch": 2, "total_steps": 4, "global_batch": 4}
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        model.prototypes.weight.zero_()
+    reports = []
+    monkeypatch.setattr(WorkerHooks, "checkpoint", lambda self, state, metrics: reports.append(metrics))
+    hooks = WorkerHooks(cfg, plan, model, build_optimizer(model, cfg.optim), None, rank, 1, {}, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    crops = {"view1": 32, "view2": 32, "crop1": 16, "crop2": 16}
+    batches = [{k: torch.randint(0, 256, (2, 3, s, s), dtype=torch.uint8, generator=g) for k, s in crops.items()}
+               for _ in range(plan["iters_per_epoch"])]
+    first = cfg.model.swav.freeze_prototypes_iters - 1  # steps first, first + 1 (frozen, then released)
+    state = TrainState(step=first, epoch=first // plan["iters_per_epoch"])
+    schedule = Schedule.from_config(cfg.optim, cfg.model, plan["iters_per_epoch"])
+    stats = train_one_epoch(model, SyncedNonFinite(build_loss(cfg.model)), hooks.optimizer, batches, schedule, state,
+                            hooks.normalizer, online=online_view(model), log_every=1, on_log=hooks.on_log)
+    return cfg, hooks, state, stats, reports
+
+
+def _collapse_warnings(caplog) -> list:
+    return [r for r in caplog.records if r.name == "fra.losses.swav" and "may have collapsed" in r.getMessage()]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_swav_collapse_warning_at_the_end_of_epoch(tmp_path, monkeypatch, caplog, one_thread, rank):
+    """Issue 8: the worker's end-of-epoch check flags a loss at ln P once the prototypes are
+    released (rank 0 warns, every rank records it); a loss below ln P, or the frozen phase, is not."""
+    from fra.engine import TrainState
+
+    cfg, hooks, state, stats, reports = _collapsed_swav_epoch(tmp_path, monkeypatch, rank)
+    ln_p = math.log(cfg.model.swav.num_prototypes)
+    assert stats["loss/swav"] == pytest.approx(ln_p, rel=1e-5)  # the loop's own epoch mean
+    with caplog.at_level("WARNING", logger="fra.losses.swav"):
+        hooks.end_epoch(state, stats)
+    assert state.history[-1]["swav_collapse"] == 1.0 and len(_collapse_warnings(caplog)) == (rank == 0)
+    assert reports[-1]["loss/swav"] == pytest.approx(ln_p, rel=1e-5)
+    caplog.clear()
+    frozen = cfg.model.swav.freeze_prototypes_iters
+    for step, loss, expected in ((state.step + 2, 0.8 * ln_p, 0.0),  # healthy: clearly below ln P
+                                 (frozen, ln_p, None)):  # prototypes still frozen: not judged
+        later = TrainState(step=step, epoch=state.epoch)
+        with caplog.at_level("WARNING", logger="fra.losses.swav"):
+            hooks.end_epoch(later, {**stats, "loss/swav": loss, "loss": loss})
+        assert later.history[-1].get("swav_collapse") == expected, (step, loss)
+    assert not _collapse_warnings(caplog)
+
+
+def test_swav_collapse_detector_in_the_log_hook_can_stop_the_run(tmp_path, monkeypatch, one_thread):
+    """run.collapse_patience: the per-log detector sees the same ln P loss and stops the run."""
+    from fra.train.guards import CollapseError
+
+    with pytest.raises(CollapseError, match="SwAV swapped-prediction loss .* ln K"):
+        _collapsed_swav_epoch(tmp_path, monkeypatch, 0, "run.collapse_patience=2", "run.collapse_action=stop")
+
+
 # ---- Ray ---------------------------------------------------------------------------------------
 @pytest.mark.ray
 def test_multicrop_shapes_through_the_stream(ray_local, tmp_path):
@@ -141,15 +220,40 @@ def test_swav_trains_on_ray_and_exports_an_frl_checkpoint(ray_local, tmp_path):
     card = json.loads(Path(out.model_card).read_text())
     assert card["method"] == "swav" and card["normalization"]["std"] == [0.228, 0.224, 0.225]
     frl_path = Path(out.backbone).parent / FRL_EXPORT
-    raw = torch.load(frl_path, weights_only=True)
-    assert any(k.startswith("module.base_net.") for k in raw["state_dict"])
-    assert any(k.startswith("module.prototypes.") for k in raw["state_dict"])
-    model, report = load_backbone(str(frl_path))
     ours = torch.load(out.backbone, weights_only=True)["state_dict"]
-    assert "(frl)" in report.source and all(k.startswith("fc.") for k in report.missing)
-    loaded = model.state_dict()
-    for k, v in ours.items():
-        assert torch.equal(loaded[k], v), k
+    frl_model = _load_like_the_frl_release(frl_path)
+    model, report = load_backbone(str(frl_path))  # fra's own loader agrees
+    assert "(frl)" in report.source and sorted(report.missing) == ["fc.bias", "fc.weight"]
+    for loaded in (frl_model.state_dict(), model.state_dict()):
+        for k, v in ours.items():
+            assert torch.equal(loaded[k], v), k
+
+
+PROJECTOR_KEYS = ("module.projection_net.", "module.prototypes.")
+
+
+def _load_like_the_frl_release(path: Path) -> torch.nn.Module:
+    """FRL_SPEC §1.7 step by step, with its asserts, on an exported ``frl_checkpoint.pth``."""
+    from torchvision.models import resnet18
+
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    sd = raw["state_dict"] if "state_dict" in raw else raw
+    assert {k.split(".")[1] for k in sd} == {"base_net", "projection_net", "prototypes"}  # §1.6 layout
+    net = resnet18()
+    # Unfiltered, the README's prefix strip leaves only the projector and prototypes over.
+    stripped = {k.removeprefix("module.base_net."): v for k, v in sd.items()}
+    res = net.load_state_dict(stripped, strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"]
+    assert res.unexpected_keys and all(k.startswith(PROJECTOR_KEYS) for k in res.unexpected_keys)
+    # Filtered to torchvision's names and shapes: only fc is missing, nothing is unexpected.
+    own = net.state_dict()
+    kept = {k: v for k, v in stripped.items() if k in own and own[k].shape == v.shape}
+    dropped = set(sd) - {f"module.base_net.{k}" for k in kept}
+    assert dropped and all(k.startswith(PROJECTOR_KEYS) for k in dropped), sorted(dropped)[:5]
+    net = resnet18()
+    res = net.load_state_dict(kept, strict=False)
+    assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and res.unexpected_keys == []
+    return net
 
 
 @pytest.mark.ray
