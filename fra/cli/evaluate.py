@@ -2,7 +2,7 @@
 
     fra evaluate fer CONFIG [--set key=value ...] [--backbone SOURCE] [--name RUN] [--print-config]
 
-CONFIG is a :class:`fra.evaluation.fer.FERConfig` YAML (e.g. ``pipelines/fer_rafdb.yaml``);
+CONFIG is a :class:`fra.evaluation.fer.FERConfig` YAML (e.g. ``pipelines/fer_rafdb_finetune.yaml``);
 ``--backbone`` overrides ``backbone.source`` (a checkpoint / export path, ``models:/name@alias``,
 ``runs:/<id>/path``, ``random:resnet18``). Writes ``results.json``, ``confusion.png``,
 ``config.yaml`` and ``model.pt`` under ``run.storage_path`` and prints the headline numbers.
