@@ -221,7 +221,9 @@ def _ensure_ray(cfg: PipelineConfig) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=cfg.ray.dashboard)
+        # A sweep's early stopping needs the State API, which the dashboard serves (check_state_api).
+        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
+                 include_dashboard=cfg.ray.dashboard or "sweep" in cfg.stages)
 
 
 def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict:

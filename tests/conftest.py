@@ -1,7 +1,8 @@
 """Shared pytest fixtures.
 
 ``ray_local``: one local Ray runtime per test session (4 logical CPUs on this 2-core machine,
-a small object store, no dashboard, Ray Data progress bars off, small Parquet read tasks).
+a small object store, the dashboard (its State API lets Ray Train free the
+placement groups of trials a Tune scheduler stops), Ray Data progress bars off, small Parquet read tasks).
 Tests that use it are marked ``@pytest.mark.ray``.
 """
 from __future__ import annotations
@@ -9,6 +10,11 @@ from __future__ import annotations
 import os
 
 import pytest
+
+
+# The session's local Ray; tests that replace it with their own cluster restart it with these.
+LOCAL_RAY = {"num_cpus": 4, "include_dashboard": True, "object_store_memory": 400 * 1024 * 1024,
+             "log_to_driver": False, "configure_logging": False}
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +26,7 @@ def ray_local():
 
     started = False
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=400 * 1024 * 1024,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(address="local", **LOCAL_RAY)
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

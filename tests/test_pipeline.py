@@ -102,6 +102,8 @@ def test_demo_chain_interrupted_resumed_skipped_and_champion_loads(ray_local, tm
     out = capsys.readouterr().out
     assert "[shards] already done" in out and "[pretrain] already done" in out  # resumed at evaluate
     assert "[evaluate] running" in out and "promotion: promoted" in out and "models:/fra-demo@champion" in out
+    grid = next(line for line in out.splitlines() if "heat maps per epoch:" in line).split(": ", 1)[1]
+    assert Path(grid.removeprefix("file://").replace("epoch_NNN", "epoch_001")).read_bytes()[:4] == b"\x89PNG"
     state = json.loads((tmp_path / "pipeline_state.json").read_text())["stages"]
     assert state["pretrain"]["finished"] == pretrain_finished and state["register"]["outputs"]["version"] == 1
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import LOCAL_RAY
 from tests.test_pretrain_ray import assert_restored_exactly, registered_checkpoints, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -54,9 +55,8 @@ def cluster():
     c.shutdown()
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    if had_local:  # hand the session its local Ray back (same settings as tests/conftest.py)
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=400 * 1024 * 1024,
-                 log_to_driver=False, configure_logging=False)
+    if had_local:  # hand the session its local Ray back
+        ray.init(address="local", **LOCAL_RAY)
 
 
 @pytest.fixture

@@ -131,6 +131,26 @@ def test_a_trial_larger_than_the_cluster_fails_fast(tmp_path):
         check_resources(gpu, resolve(gpu), {"CPU": 64.0})
 
 
+def test_early_stopping_without_the_state_api_fails_fast(tmp_path, monkeypatch):
+    """No State API inside the cluster = the placement groups of stopped trials are never freed."""
+    import ray.util.state
+
+    from fra.tuning import sweep
+
+    def unreachable(**kwargs):
+        raise ConnectionError("Found multiple active Ray instances: {'10.0.0.1:6379', '10.0.0.1:6380'}.")
+
+    monkeypatch.setattr(ray.util.state, "list_actors", unreachable)
+    assert sweep._state_api_probe(1.0).startswith("ConnectionError: Found multiple active Ray instances")
+    monkeypatch.setattr(ray, "remote", lambda **kw: lambda fn: type("R", (), {"remote": staticmethod(fn)}))
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)  # run the probe in this process
+    with pytest.raises(ConfigError, match="State API is unreachable.*multiple active Ray.*scheduler.name=none"):
+        sweep.check_state_api(_demo(tmp_path))
+    sweep.check_state_api(_demo(tmp_path, **{"scheduler.name": "none"}))  # nothing is stopped: nothing leaks
+    monkeypatch.setattr(ray.util.state, "list_actors", lambda **kw: [])
+    sweep.check_state_api(_demo(tmp_path))
+
+
 def test_table_plot_and_best(tmp_path):
     from fra.tuning import report
 

@@ -65,13 +65,18 @@ def _epochs(exp: Path, tid: str) -> list[int]:
     return [int(r["epoch"]) for r in json.loads(path.read_text())] if path.is_file() else []
 
 
+def _live_placement_groups(ray) -> list[str]:
+    return [pid for pid, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"]
+
+
 def _wait(cond, proc, timeout_s: float, what: str) -> None:
     t0 = time.time()
     while not cond():
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
         if time.time() - t0 > timeout_s:
-            proc.kill()
+            if proc is not None:
+                proc.kill()
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(1.0)
 
@@ -120,6 +125,9 @@ def test_sweep_asha_kill_and_resume_end_to_end(ray_local, storage):
     assert rows[16.0]["epochs"] == 1 and rows[16.0]["objective"] is None
     assert not (exp / "trials" / rows[16.0]["trial_id"] / "result.json").exists()
     assert all(rows[w]["epochs"] == 2 and rows[w]["proxy_top1"] is not None for w in (8.0, 0.05))
+    # The stopped trial's Train run released its workers' CPUs (Ray Train's cleaner, via the State API):
+    # a placement group left behind would starve every later trial.
+    _wait(lambda: not _live_placement_groups(ray_local), None, 120, "the stopped trial's placement group to go")
 
     table = list(csv.DictReader(result.table_path.open()))
     assert len(table) == 3 and {"loss_w_cluster", "proxy_top1", "objective", "test_top1_last", "seconds"} <= set(table[0])

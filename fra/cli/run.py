@@ -22,6 +22,9 @@ def summary(cfg, outputs: dict) -> str:
     if "pretrain" in outputs:
         lines.append(f"  pretrain checkpoint: {outputs['pretrain']['checkpoint']}")
         lines.append(f"  exported backbone:   {outputs['pretrain']['backbone']}")
+        heatmaps = heatmap_location(tracking_uri(cfg), outputs["pretrain"].get("mlflow_run_id"))
+        if heatmaps:
+            lines.append(f"  heat maps per epoch: {heatmaps}")
     if "sweep" in outputs:
         s = outputs["sweep"]
         lines.append(f"  sweep best config:   {s.get('best_config_path') or s.get('best_config')}")
@@ -40,6 +43,21 @@ def summary(cfg, outputs: dict) -> str:
         lines.append(f"  promotion: {d['decision']} ({d['reason']}); champion = {d['name']} v{d['champion']}"
                      f"  -> load with models:/{d['name']}@champion")
     return "\n".join(lines)
+
+
+def heatmap_location(uri: str, run_id: str | None) -> str:
+    """Where the pretraining run's per-epoch heat-map overlays are ("" if it logged none)."""
+    if not run_id:
+        return ""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        if not any(a.path == "heatmaps" for a in client.list_artifacts(run_id)):
+            return ""
+        return f"{client.get_run(run_id).info.artifact_uri}/heatmaps/epoch_NNN/grid.png"
+    except Exception as exc:  # the summary must not fail on a tracking hiccup
+        return f"MLflow run {run_id}, artifacts heatmaps/ ({type(exc).__name__} reading the store)"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -80,10 +80,11 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
     res = resolve(cfg)
     exp_dir = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
     check_snapshot(cfg, exp_dir, resume)
-    if not ray.is_initialized():
-        ray.init(address=cfg.run.ray_address or None, include_dashboard=False,
+    if not ray.is_initialized():  # the dashboard serves the State API that check_state_api needs
+        ray.init(address=cfg.run.ray_address or None, include_dashboard=True,
                  **({} if cfg.run.ray_address or not cfg.run.num_cpus else {"num_cpus": cfg.run.num_cpus}))
     concurrency = check_resources(cfg, res, ray.cluster_resources())
+    check_state_api(cfg)
     fer = set_paths(to_dict(res.fer), {"data.shards": fer_shards(cfg, res, exp_dir),
                                        "protocol": cfg.objective.protocol})
     if res.base.data.source == "synthetic":  # render once here, not in every trial at the same time
@@ -116,6 +117,42 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
                                f"{max(missing, 0)} not started; run the same command again to resume "
                                f"(table so far: {out.table_path})")
     return out
+
+
+def check_state_api(cfg: SweepConfig, timeout_s: float = 30.0) -> None:
+    """Refuse early stopping where Ray Train could not free a stopped trial's placement group.
+
+    A trial the scheduler stops is killed, and its Train controller with it. Ray Train V2 frees
+    that run's placement group from a detached cleaner actor that asks the State API (served by
+    the dashboard, found from inside the cluster without an address) whether the controller is
+    still alive. Where that question fails (no dashboard, or several Ray instances on one
+    machine, which makes the address ambiguous), every stopped trial keeps its workers' CPUs
+    reserved and later trials wait for CPUs forever. So ask it the same way, from an actor.
+    """
+    if cfg.scheduler.name == "none":
+        return
+    import ray
+
+    probe = ray.remote(num_cpus=0)(_state_api_probe).remote(timeout_s)
+    error = ray.get(probe, timeout=timeout_s + 30)
+    if error:
+        raise ConfigError(
+            f"scheduler.name={cfg.scheduler.name} stops trials early, but the Ray State API is unreachable "
+            f"from inside this cluster ({error}). Ray Train frees a stopped trial's placement group only "
+            "through it, so later trials would wait for CPUs forever. Run one Ray instance per machine "
+            "with the dashboard (ray start --head --include-dashboard=true, or let fra tune start Ray), "
+            "or use scheduler.name=none")
+
+
+def _state_api_probe(timeout_s: float) -> str:
+    """Runs in a worker: "" when the State API answers as Ray Train's cleaner will ask it, else why not."""
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, timeout=int(timeout_s), raise_on_missing_output=False)
+    except Exception as exc:  # RayStateApiException, ConnectionError ("multiple active Ray instances")
+        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    return ""
 
 
 def expected_trials(cfg: SweepConfig, res: Resolved) -> int:
