@@ -151,6 +151,27 @@ def test_early_stopping_without_the_state_api_fails_fast(tmp_path, monkeypatch):
     sweep.check_state_api(_demo(tmp_path))
 
 
+def test_asha_never_stops_a_trial_that_finished_its_pretraining(tmp_path):
+    """Ray's ASHA has a rung at max_t; there the chained FER evaluation decides, not the proxy."""
+    from types import SimpleNamespace
+
+    from fra.tuning.sweep import RecordingASHA, build_scheduler
+
+    asha = build_scheduler(_demo(tmp_path).scheduler.__class__(grace_period=1, reduction_factor=2), 4, tmp_path)
+    assert isinstance(asha, RecordingASHA)
+    strong, weak = SimpleNamespace(trial_id="strong"), SimpleNamespace(trial_id="weak")
+    for t in (weak, strong):
+        asha.on_trial_add(None, t)
+    decide = lambda t, epoch, value: asha.on_trial_result(None, t, {"epoch": epoch, "proxy_top1": value})
+    assert [decide(weak, 1, 5.0), decide(strong, 1, 10.0), decide(weak, 2, 5.0), decide(strong, 2, 10.0),
+            decide(strong, 4, 10.0), decide(weak, 4, 5.0)] == [asha.CONTINUE] * 6
+    late = SimpleNamespace(trial_id="late")
+    asha.on_trial_add(None, late)
+    assert decide(late, 1, 1.0) == asha.STOP  # below the rung-1 cutoff: stopped early, as before
+    assert (tmp_path / "trials" / "late" / "stopped_early.json").is_file()
+    assert not (tmp_path / "trials" / "weak" / "stopped_early.json").exists()
+
+
 def test_table_plot_and_best(tmp_path):
     from fra.tuning import report
 

@@ -167,7 +167,7 @@ def build_scheduler(s: SchedulerSettings, max_t: int, exp_dir: Path):
     """ASHA on a per-epoch metric, or None (FIFO: every trial runs to its evaluation)."""
     if s.name == "none":
         return None
-    # NOTE: stop_last_trials=False: a trial reaching max_t must still run its chained evaluation.
+    # stop_last_trials=False and RecordingASHA: a trial reaching max_t must still run its chained evaluation.
     return RecordingASHA(str(exp_dir), time_attr=s.time_attr, metric=s.metric, mode=s.mode, max_t=max_t,
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor, stop_last_trials=False)
 
@@ -195,6 +195,10 @@ class RecordingASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._load_once()
+        # NOTE: Ray's ASHA has a rung at max_t and stops there even with stop_last_trials=False; a
+        # trial whose pretraining is complete is judged by its chained FER evaluation, not the proxy.
+        if result.get(self._time_attr, 0) >= self._max_t:
+            return self.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP:
             atomic_write_json(Path(self.exp_dir) / "trials" / trial.trial_id / report.STOPPED_FILE,
