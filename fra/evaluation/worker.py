@@ -169,8 +169,8 @@ def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterabl
     for epoch in range(start_epoch, spec.epochs):
         batches = {"train": train_batches(epoch)}
         stats, step = train_epoch(model, batches["train"], optimizer, spec, normalizer, step, scaler)
-        totals = dist.all_reduce_sum_host(torch.tensor([stats["train_loss"] * stats["steps"], stats["steps"], stats["images"]],
-                                       dtype=torch.float64))
+        totals = dist.all_reduce_sum_host(torch.tensor(
+            [stats["train_loss"] * stats["steps"], stats["steps"], stats["images"]], dtype=torch.float64))
         entry = {"epoch": epoch + 1, "train_loss": float(totals[0] / max(totals[1], 1)), "images": int(totals[2]),
                  "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": stats["train_images_per_s"]}
         if (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs:
@@ -178,11 +178,12 @@ def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterabl
             for split, make in (("test", test_batches), ("val", val_batches)):
                 if make is not None:
                     batches[split] = make(epoch)
-                    entry[f"{split}_confusion"] = dist.all_reduce_sum_host(evaluate(model, batches[split], spec.num_classes,
-                                                                    normalizer, spec.amp)).tolist()
+                    conf = evaluate(model, batches[split], spec.num_classes, normalizer, spec.amp)
+                    entry[f"{split}_confusion"] = dist.all_reduce_sum_host(conf).tolist()
             entry["eval_seconds"] = time.perf_counter() - t0
         # Every rank read the same splits this epoch, so this collective stays in step.
-        skipped = dist.all_reduce_sum_host(torch.tensor([skipped_corrupt(b) for b in batches.values()], dtype=torch.int64))
+        skipped = dist.all_reduce_sum_host(
+            torch.tensor([skipped_corrupt(b) for b in batches.values()], dtype=torch.int64))
         entry.update({f"skipped_corrupt_{split}": int(n) for split, n in zip(batches, skipped.tolist())})
         if not math.isfinite(entry["train_loss"]):
             raise FloatingPointError(f"FER training diverged: loss {entry['train_loss']} at epoch {epoch + 1}")
