@@ -5,7 +5,6 @@ parameters from a ``numpy.random.Generator``. Outputs are uint8 (S, S, 3); norma
 (:func:`normalize_batch`) happens on the trainer side, on the batch.
 
 # NOTE: speed-ups that keep the statistics of the reference (DATA_NOTES §3, path "f"):
-#  * crop + resize is one ``Image.resize(box=...)`` call (what torchvision v1 does, minus a copy);
 #  * ColorJitter's four ops (in their random order) and RandomGrayscale are affine maps of the
 #    RGB vector, so they are composed into one 3x4 matrix applied by ``Image.convert``; contrast
 #    uses the grey mean the reference would see (propagated analytically). Differences: no
@@ -18,11 +17,15 @@ parameters from a ``numpy.random.Generator``. Outputs are uint8 (S, S, 3); norma
 #    0.06-0.3 ms. Mean |difference| to PIL's output 0.2-0.9 grey levels; mean |change| made by
 #    the blur within 3 % of PIL's for sigma >= 1; below 1 PIL's boxes are off the Gaussian (no
 #    blur at 0.2, 4 % of it at 0.3, 60 % at 0.4, 110-115 % at 0.6-0.7).
-#    When the crop is smaller than the output, the blur is applied (with the colour matrix)
-#    before the upsampling, with sigma scaled to crop pixels;
-#  * a crop upsampled in both directions is resized by OpenCV's bilinear (same sampling grid as
-#    PIL's for upsampling, within 1 grey level, 7x cheaper); downsampling keeps PIL's
-#    antialiased resize. ``backend="pil"`` restores the reference's PIL blur and resize exactly.
+#    The blur is always applied to the output-size view, as the reference does (resize, then
+#    blur): blurring an upsampled crop before the upsampling, with sigma scaled to crop pixels,
+#    left small sigmas without any effect (a 3-tap Gaussian of std 0.25 is the identity);
+#  * when the crop is upsampled, the colour matrix is applied to the crop before the resize
+#    (pointwise, so it commutes with the resize up to rounding), and a crop upsampled in both
+#    directions is resized by OpenCV's bilinear (same sampling grid as PIL's for upsampling,
+#    within 1 grey level, 7x cheaper); downsampling keeps PIL's antialiased resize.
+#    ``backend="pil"`` runs the reference's ops in the reference's order (crop, PIL resize,
+#    colour, PIL blur at the output size), bit for bit where the colour ops are not drawn.
 # tests/test_augment.py checks per-op rates, ranges and view statistics against torchvision.
 """
 from __future__ import annotations
@@ -124,7 +127,7 @@ class TwoViewTransform:
         flip_p: horizontal flip probability.
         backend: ``"opencv"`` (fast: OpenCV's true Gaussian blur, and OpenCV's bilinear resize
             when the crop is upsampled in both directions) or ``"pil"`` (the reference's PIL
-            ``GaussianBlur`` and ``resize``, bit for bit).
+            ``resize`` and ``GaussianBlur`` in the reference's order, bit for bit).
     """
 
     def __init__(
@@ -183,28 +186,26 @@ class TwoViewTransform:
         size = self.image_size
         left, top, right, bottom = p.box
         w, h = right - left, bottom - top
-        fast = self.backend == "opencv"
-        if w * h < size * size:  # upsampling: do the pixel-wise ops on the smaller crop
-            out = img.crop(p.box)
-            matrix = _view_matrix(out, p)
+        crop = img.crop(p.box)  # torchvision's resized_crop on PIL: crop, then resize
+        if self.backend == "opencv" and w * h < size * size:
+            # NOTE: the colour matrix is pointwise, so on an upsampled crop it is applied before the
+            # resize, on fewer pixels; it commutes with the (linear) resize up to rounding.
+            matrix = _view_matrix(crop, p)
             if matrix is not None:
-                out = out.convert("RGB", matrix)
-            if fast and w <= size and h <= size:  # pure upsampling: bilinear = PIL's, +-1 level
-                arr = np.asarray(out)
-                if p.blur_sigma is not None:
-                    arr = gaussian_blur_array(arr, p.blur_sigma * w / size, p.blur_sigma * h / size)
-                arr = _cv2().resize(arr, (size, size), interpolation=_cv2().INTER_LINEAR)
+                crop = crop.convert("RGB", matrix)
+            if w <= size and h <= size:  # pure upsampling: OpenCV's bilinear = PIL's, +-1 level
+                arr = _cv2().resize(np.asarray(crop), (size, size), interpolation=_cv2().INTER_LINEAR)
             else:
-                if p.blur_sigma is not None:
-                    out = self._blur(out, p.blur_sigma * w / size, p.blur_sigma * h / size)
-                arr = np.asarray(out.resize((size, size), Image.BILINEAR))
-        else:  # downsampling: PIL's antialiased resize, as the reference
-            out = img.resize((size, size), Image.BILINEAR, box=p.box)
+                arr = np.asarray(crop.resize((size, size), Image.BILINEAR))
+            if p.blur_sigma is not None:  # the reference blurs the output-size view
+                arr = gaussian_blur_array(arr, p.blur_sigma)
+        else:  # the reference's order: resize, colour, blur at the output size
+            out = crop.resize((size, size), Image.BILINEAR)
             matrix = _view_matrix(out, p)
             if matrix is not None:
                 out = out.convert("RGB", matrix)
             if p.blur_sigma is not None:
-                out = self._blur(out, p.blur_sigma, p.blur_sigma)
+                out = self._blur(out, p.blur_sigma)
             arr = np.asarray(out)
         if p.solarize:
             arr = _SOLARIZE_TABLE[arr]
@@ -212,10 +213,10 @@ class TwoViewTransform:
             arr = arr[:, ::-1]
         return arr
 
-    def _blur(self, img: Image.Image, sigma_x: float, sigma_y: float) -> Image.Image:
+    def _blur(self, img: Image.Image, sigma: float) -> Image.Image:
         if self.backend == "pil":
-            return gaussian_blur_pil(img, sigma_x, sigma_y)
-        return Image.fromarray(gaussian_blur_array(np.asarray(img), sigma_x, sigma_y))
+            return gaussian_blur_pil(img, sigma)
+        return Image.fromarray(gaussian_blur_array(np.asarray(img), sigma))
 
     def render_mask(self, mask: Image.Image | np.ndarray, p: ViewParams) -> np.ndarray:
         """Co-transform a label mask (same crop and flip, nearest); returns uint8 (S, S)."""
