@@ -27,6 +27,28 @@ def lars_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def _trust_ratios(params: list[torch.Tensor], grads: list[torch.Tensor], coef: float, wd: float,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor ``coef·‖w‖ / (‖g‖ + wd·‖w‖ + eps)``, computed on the parameters' device.
+
+    The arithmetic is float64 in the order the reference's Python floats use, so rounding the
+    result to the parameter dtype gives the scalar a Python ``alpha`` would have been.
+
+    Returns:
+        (ratios, ‖w‖, ‖g‖), each (N,) float64 for the N tensors.
+    """
+    w = torch.stack(torch._foreach_norm(params)).double()
+    g = torch.stack(torch._foreach_norm(grads)).double()
+    return w * coef / (g + w * wd + eps), w, g
+
+
+def _trust_scales(params, grads, coef: float, wd: float, eps: float):
+    """LARS's per-tensor step sizes ``s = lr·local_lr`` and ``s·wd``, as 0-dim tensors (no host read)."""
+    s = _trust_ratios(params, grads, coef, wd, eps)[0]
+    dtype = params[0].dtype
+    return s.to(dtype).unbind(), (s * wd).to(dtype).unbind()
+
+
 class LARS(Optimizer):
     """Layer-wise adaptive rate scaling, as in the reference.
 
@@ -34,8 +56,9 @@ class LARS(Optimizer):
     ``Δ = lr · local_lr · (g + λw)``, ``buf = Δ`` at the first step then ``μ·buf + Δ``,
     ``w ← w − buf``. The lr is folded in before the momentum buffer (unlike torch SGD).
 
-    Unlike the reference, the norms come from one fused ``_foreach_norm`` per group (no
-    per-tensor ``.item()`` sync) and the update is accumulated in place in the momentum buffer.
+    Unlike the reference, the norms come from one fused ``_foreach_norm`` per group, the trust
+    ratios stay on the device (no ``.item()``/``.tolist()``: the step never waits for the GPU)
+    and the update is accumulated in place in the momentum buffers with ``_foreach`` ops.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -56,24 +79,24 @@ class LARS(Optimizer):
                 continue
             grads = [p.grad for p in params]
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            if group["lars_exclude"]:
-                scales = [lr] * len(params)
-            else:
-                # One fused norm per group, read back once (the reference syncs twice per tensor).
-                w_norm = torch.stack(torch._foreach_norm(params)).tolist()
-                g_norm = torch.stack(torch._foreach_norm(grads)).tolist()
-                scales = [lr * group["eta"] * w / (g + wd * w + 1e-8) for w, g in zip(w_norm, g_norm)]
-            for p, g, s in zip(params, grads, scales):
-                # buf = mu*buf + s*(g + wd*w), built in place in the momentum buffer.
+            bufs = []
+            for p in params:
                 state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    state["momentum_buffer"] = buf = torch.mul(g, s)
-                else:
-                    buf.mul_(mu).add_(g, alpha=s)
+                if "momentum_buffer" not in state:  # mu·0 + Δ = Δ: the first step sets buf = Δ
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, mu)
+            if group["lars_exclude"]:
+                torch._foreach_add_(bufs, grads, alpha=lr)
                 if wd:
-                    buf.add_(p, alpha=s * wd)
-                p.sub_(buf)
+                    torch._foreach_add_(bufs, params, alpha=lr * wd)
+            else:
+                scale, scale_wd = _trust_scales(params, grads, lr * group["eta"], wd, 1e-8)
+                # buf = mu*buf + s*g + s*wd*w, with s = lr·local_lr a 0-dim tensor per parameter.
+                torch._foreach_addcmul_(bufs, grads, scale)
+                if wd:
+                    torch._foreach_addcmul_(bufs, params, scale_wd)
+            torch._foreach_sub_(params, bufs)
         return loss
 
 
@@ -84,7 +107,8 @@ class LARC(torch.optim.SGD):
     ``g ← trust·‖w‖ / (‖g‖ + λ‖w‖ + 1e-8) · (g + λw)``; then plain torch SGD (momentum,
     no further weight decay: ``w ← w − lr·buf``, ``buf = μ·buf + g``). Every tensor is
     adapted (biases and BatchNorm included), as apex does. A tensor whose weight or gradient
-    norm is zero is stepped with its raw gradient and no weight decay, again as apex.
+    norm is zero is stepped with its raw gradient and no weight decay, again as apex. The
+    trust ratios stay on the device, as in :class:`LARS`.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -103,12 +127,11 @@ class LARC(torch.optim.SGD):
                 continue
             grads = [p.grad for p in params]
             wd, trust, eps = group["larc_weight_decay"], group["trust_coefficient"], group["larc_eps"]
-            w_norm = torch.stack(torch._foreach_norm(params)).tolist()
-            g_norm = torch.stack(torch._foreach_norm(grads)).tolist()
-            for p, g, w, gn in zip(params, grads, w_norm, g_norm):
-                if w == 0 or gn == 0:
-                    continue
-                if wd:
-                    g.add_(p, alpha=wd)
-                g.mul_(trust * w / (gn + w * wd + eps))
+            ratio, w, g = _trust_ratios(params, grads, trust, wd, eps)
+            # apex leaves a tensor with a zero weight or gradient norm alone: factor 1, no decay.
+            adapted = (w != 0) & (g != 0)
+            dtype = params[0].dtype
+            if wd:
+                torch._foreach_addcmul_(grads, params, (adapted.double() * wd).to(dtype).unbind())
+            torch._foreach_mul_(grads, torch.where(adapted, ratio, 1.0).to(dtype).unbind())
         return super().step(closure)
