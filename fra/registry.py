@@ -521,16 +521,19 @@ def _cleanup(uri: str, mlc, name: str, reg_id: str, state: dict, created_model: 
 # Load, list, show
 # --------------------------------------------------------------------------------------
 def load_registered(uri: str, *, tracking_uri: str | None = None, num_classes: int = 1000,
-                    arch: str | None = None) -> nn.Module:
+                    arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
     """A torchvision ResNet (fresh ``fc`` for ``num_classes``, eval mode) with registered weights.
 
     Args:
         uri: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``models:/m-<id>`` or
             ``runs:/<run_id>/backbone``.
         tracking_uri: MLflow URI; None = :func:`resolve_uri`.
+        trust_pickle: allow unpickling a model without ``backbone.pt`` (registered by something
+            other than fra); see :func:`fra.evaluation.backbones.load_pickled_model`.
 
     Raises:
         RegistryError: unreachable server, unknown model, or a version that is not ``ready``.
+        CheckpointError: the model has no ``backbone.pt`` and ``trust_pickle`` is false.
     """
     import mlflow
 
@@ -546,8 +549,10 @@ def load_registered(uri: str, *, tracking_uri: str | None = None, num_classes: i
         weights = next((f for f in sorted(local.rglob("backbone.pt"))), None) if local.is_dir() else None
         if weights is not None:
             model, report = load_backbone(weights, arch=arch, num_classes=num_classes)
-        else:  # registered by something else: read the flavour's state dict (unpickles for pickle models)
-            module = mlflow.pytorch.load_model(str(local), map_location="cpu")
+        else:  # registered by something else: its logged model unpickles, so only on explicit trust
+            from fra.evaluation.backbones import load_pickled_model
+
+            module = load_pickled_model(uri, trust_pickle, "load_registered(..., trust_pickle=True)", str(local))
             model, report = load_backbone(module.state_dict(), arch=arch, num_classes=num_classes)
     log.info("loaded %s: %s", uri, report)
     return model.eval()

@@ -164,10 +164,15 @@ def test_wrong_architecture_fails_clearly(tmp_path, reference):
 
 
 def test_mlflow_model_alias_and_run_artifact(mlflow_sources, reference):
+    """The run artifact is fra's backbone.pt; the alias is a pickled model (no backbone.pt), which
+    loads only on the explicit trust_pickle opt-in."""
     uri, alias, artifact = mlflow_sources
-    for spec in (alias, artifact):
-        src = resolve_backbone(spec, tracking_uri=uri)
+    with pytest.raises(CheckpointError, match="no backbone.pt.*refuses.*trust_pickle"):
+        resolve_backbone(alias, tracking_uri=uri)
+    for spec, trust in ((alias, True), (artifact, False)):
+        src = resolve_backbone(spec, tracking_uri=uri, trust_pickle=trust)
         assert src.kind == "mlflow" and src.arch == "resnet18" and src.fingerprint == reference[1], spec
+        assert ("UNPICKLED" in src.detail) is trust
     with pytest.raises(CheckpointError, match="cannot fetch from MLflow"):
         resolve_backbone("models:/no-such-model@champion", tracking_uri=uri)
 
@@ -189,7 +194,8 @@ def eval_sources(tmp_path_factory, fra_model, reference, mlflow_sources):
     root = tmp_path_factory.mktemp("sources")
     ckpt, weights = write_fra_run(root, fra_model)
     return {"fra-checkpoint": (str(ckpt), "file", "fra"), "fra-export": (str(weights), "file", "fra-backbone"),
-            "mlflow-alias": (mlflow_sources[1], "mlflow", "torchvision"),  # the logged module's own state dict
+            # the logged (pickled) module's own state dict, through the trust_pickle opt-in
+            "mlflow-alias": (mlflow_sources[1], "mlflow", "torchvision"),
             "fra-official": (str(write_official_fra(root / "fra_official.pth.tar", fra_model, reference[0])),
                              "file", "fra-official"),
             "frl": (str(write_frl(root / "flr_r18.pth", reference[0])), "file", "frl"),
@@ -214,7 +220,7 @@ def test_evaluate_fer_linear_from_each_source(ray_local, fer_shards, eval_source
     cfg = load_config(FERConfig, data={
         "protocol": "linear", "data": {"shards": fer_shards, "image_size": 32},
         "optim": {"epochs": 1, "warmup_epochs": 0, "batch_size": 16, "lr": 0.5},
-        "scaling": {"num_workers": 0}, "backbone": {"source": spec},
+        "scaling": {"num_workers": 0}, "backbone": {"source": spec, "trust_pickle": source_id == "mlflow-alias"},
         "tracking": {"mlflow_uri": uri, "experiment": "fer-sources"}, "run": {"storage_path": str(tmp_path)}})
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model on 2 shared cores (see tests/test_fer_eval.py)

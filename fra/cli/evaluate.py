@@ -1,11 +1,13 @@
 """`fra evaluate`: downstream evaluation of a backbone.
 
-    fra evaluate fer CONFIG [--set key=value ...] [--backbone SOURCE] [--name RUN] [--print-config]
+    fra evaluate fer CONFIG [--set key=value ...] [--backbone SOURCE] [--name RUN] [--trust-pickle] [--print-config]
 
 CONFIG is a :class:`fra.evaluation.fer.FERConfig` YAML (e.g. ``pipelines/fer_rafdb_finetune.yaml``);
 ``--backbone`` overrides ``backbone.source`` (a checkpoint / export path, ``models:/name@alias``,
-``runs:/<id>/path``, ``random:resnet18``). Writes ``results.json``, ``confusion.png``,
-``config.yaml`` and ``model.pt`` under ``run.storage_path`` and prints the headline numbers.
+``runs:/<id>/path``, ``random:resnet18``). ``--trust-pickle`` sets ``backbone.trust_pickle``: an
+MLflow model without ``backbone.pt`` is then unpickled instead of refused. Writes ``results.json``,
+``confusion.png``, ``config.yaml`` and ``model.pt`` under ``run.storage_path`` and prints the
+headline numbers.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="override a config value, e.g. --set protocol=linear --set optim.epochs=10")
     fer.add_argument("--backbone", default=None, help="backbone source (overrides backbone.source)")
     fer.add_argument("--name", default=None, help="run directory name (default: <run.name>-<time>)")
+    fer.add_argument("--trust-pickle", action="store_true",
+                     help="unpickle an MLflow model that has no backbone.pt (runs code from the registry: "
+                          "only if you trust every writer to it); sets backbone.trust_pickle")
     fer.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -32,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from fra.config import load_config, to_dict
     from fra.evaluation.fer import FERConfig, evaluate_fer, resolve_optim
 
-    cfg = load_config(FERConfig, args.config, args.overrides)
+    overrides = list(args.overrides) + (["backbone.trust_pickle=true"] if args.trust_pickle else [])
+    cfg = load_config(FERConfig, args.config, overrides)
+    if cfg.backbone.trust_pickle:
+        log.warning("backbone.trust_pickle is on: an MLflow model without backbone.pt will be unpickled")
     if args.print_config:
         print(yaml.safe_dump({**to_dict(cfg), "resolved_optim": resolve_optim(cfg)}, sort_keys=False), end="")
         return 0

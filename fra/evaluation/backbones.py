@@ -10,9 +10,11 @@ Accepted sources (:func:`resolve_backbone`):
 * a directory holding ``backbone.pt`` (``export/backbone.pt``) or ``checkpoint.pt`` (a fra run
   or export directory); ``model_card.json`` beside the weights supplies the normalisation;
 * an MLflow URI: ``models:/name@alias``, ``models:/name/3``, ``models:/m-<id>``, ``runs:/<id>/path``
-  or ``mlflow-artifacts:/...``. A ``backbone.pt`` among the model's files is preferred;
-  otherwise the logged PyTorch model is loaded (``mlflow.pytorch.load_model``: unpickling, so
-  only for registries you trust) and its state dict is read with the same layout detection;
+  or ``mlflow-artifacts:/...``. The model's ``backbone.pt`` (tensors only) is read. A model
+  without one was not registered by fra, and loading its logged PyTorch model
+  (``mlflow.pytorch.load_model``, pickle or pt2 alike) unpickles whatever its writer put there, so
+  it is refused unless the caller passes ``trust_pickle=True`` (``backbone.trust_pickle`` /
+  ``--trust-pickle``); that load is logged as a warning and recorded in ``detail``;
 * an ``nn.Module`` or an already-loaded checkpoint dict (Python API only).
 
 The fingerprint is a hash of the tensors themselves (names, shapes, dtypes, bytes), so the same
@@ -80,7 +82,8 @@ def state_dict_fingerprint(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def resolve_backbone(source: Any, arch: str = "", seed: int = 0, tracking_uri: str = "") -> BackboneSource:
+def resolve_backbone(source: Any, arch: str = "", seed: int = 0, tracking_uri: str = "",
+                     trust_pickle: bool = False) -> BackboneSource:
     """Turn any supported source into torchvision ResNet weights (see the module docstring).
 
     Args:
@@ -88,6 +91,8 @@ def resolve_backbone(source: Any, arch: str = "", seed: int = 0, tracking_uri: s
         arch: torchvision ResNet name; empty = from the checkpoint (``resnet50`` for random).
         seed: seed of the random init.
         tracking_uri: MLflow tracking URI for ``models:/`` and ``runs:/`` sources.
+        trust_pickle: allow unpickling an MLflow model that carries no ``backbone.pt``; only for
+            registries whose every writer you trust as much as this code.
 
     Raises:
         CheckpointError: the source is missing, unreadable, of an unknown layout, or does not
@@ -105,7 +110,7 @@ def resolve_backbone(source: Any, arch: str = "", seed: int = 0, tracking_uri: s
         return BackboneSource(spec, "random", "random", name, sd, state_dict_fingerprint(sd),
                               detail=f"random init ({name}, seed {seed})")
     if spec.startswith(MLFLOW_SCHEMES):
-        return _from_mlflow(spec, arch, tracking_uri)
+        return _from_mlflow(spec, arch, tracking_uri, trust_pickle)
     path = Path(spec).expanduser()
     if path.is_dir():
         found = next((path / c for c in DIR_CANDIDATES if (path / c).is_file()), None)
@@ -143,7 +148,7 @@ def _card_normalization(card: Path) -> dict | None:
     return norm if isinstance(norm, dict) and {"mean", "std"} <= set(norm) else None
 
 
-def _from_mlflow(uri: str, arch: str, tracking_uri: str) -> BackboneSource:
+def _from_mlflow(uri: str, arch: str, tracking_uri: str, trust_pickle: bool = False) -> BackboneSource:
     """Load a backbone from an MLflow model or artifact URI."""
     try:
         import mlflow
@@ -164,17 +169,42 @@ def _from_mlflow(uri: str, arch: str, tracking_uri: str) -> BackboneSource:
     if weights is not None:
         out = _finish(uri, "mlflow", safe_load(weights), arch, where=f"{uri} ({weights.name})")
     else:
-        try:
-            module = mlflow.pytorch.load_model(uri, map_location="cpu")
-        except (MlflowException, OSError, RuntimeError, TypeError) as exc:
-            raise CheckpointError(f"backbone source {uri}: not a loadable PyTorch model: "
-                                  f"{str(exc).splitlines()[0]}") from exc
-        if not isinstance(module, nn.Module):
-            raise CheckpointError(f"backbone source {uri}: MLflow returned {type(module).__name__}, not a torch module")
+        module = load_pickled_model(uri, trust_pickle, "backbone.trust_pickle: true (fra evaluate fer --trust-pickle)")
         out = _finish(uri, "mlflow", module.state_dict(), arch)
+        out.detail = f"UNPICKLED with trust_pickle (no backbone.pt); {out.detail}"
     cards = [f for f in files if f.name == "model_card.json"]
     out.normalization = _card_normalization(cards[0]) if cards else _mlmodel_normalization(local)
     return out
+
+
+def load_pickled_model(uri: str, trust_pickle: bool, opt_in: str, load_from: str | None = None) -> nn.Module:
+    """``mlflow.pytorch.load_model`` for a model without ``backbone.pt``, only when trusted.
+
+    Both of MLflow's PyTorch formats unpickle on load (pickle, and pt2's weights and constants),
+    and the tracking server has no authentication, so a model fra did not register could run code
+    here. Refused unless ``trust_pickle``; ``opt_in`` names the switch in the refusal;
+    ``load_from`` is a local copy of ``uri`` already downloaded.
+
+    Raises:
+        CheckpointError: refused, not a loadable PyTorch model, or not a torch module.
+    """
+    if not trust_pickle:
+        raise CheckpointError(
+            f"{uri} has no backbone.pt, so it was not registered by fra; loading its logged PyTorch model would "
+            "unpickle code from the MLflow server, which fra refuses. Re-register the weights with `fra registry "
+            f"register EXPORT_DIR` (stores backbone.pt), or, if you trust every writer to that server, set {opt_in}")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    log.warning("trust_pickle: unpickling the MLflow model %s (it has no backbone.pt)", uri)
+    try:
+        module = mlflow.pytorch.load_model(load_from or uri, map_location="cpu")
+    except (MlflowException, OSError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"backbone source {uri}: not a loadable PyTorch model: "
+                              f"{str(exc).splitlines()[0]}") from exc
+    if not isinstance(module, nn.Module):
+        raise CheckpointError(f"backbone source {uri}: MLflow returned {type(module).__name__}, not a torch module")
+    return module
 
 
 def _mlmodel_normalization(local: Path) -> dict | None:

@@ -107,6 +107,9 @@ class FERScaling:
 class FERBackbone:
     source: str = "random"  # see fra.evaluation.backbones
     arch: str = ""  # torchvision ResNet name; "" = from the checkpoint (resnet50 for random)
+    # Unpickle an MLflow model that has no backbone.pt (not registered by fra): runs its writer's
+    # code here, so only for a registry whose every writer you trust (--trust-pickle)
+    trust_pickle: bool = False
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,8 @@ def evaluate_fer(cfg: FERConfig, backbone_source: Any = None, *, run_name: str |
     if not manifest.classes:
         raise ConfigError(f"{manifest.uri}: dataset {manifest.dataset!r} has no classes; not a FER dataset")
     source = cfg.backbone.source if backbone_source is None else backbone_source
-    backbone = resolve_backbone(source, cfg.backbone.arch, cfg.run.seed, cfg.tracking.mlflow_uri)
+    backbone = resolve_backbone(source, cfg.backbone.arch, cfg.run.seed, cfg.tracking.mlflow_uri,
+                                trust_pickle=cfg.backbone.trust_pickle)
     card = _card(manifest)
     test_split = cfg.data.test_split or (card.evaluation_split if card else "test")
     if test_split not in manifest.counts:

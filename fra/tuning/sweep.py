@@ -6,13 +6,16 @@ Layout of ``<run.storage_path>/<run.name>/``: Tune's experiment state and per-tr
 (``pretrain.yaml``, ``result.json``), ``trial_starts.jsonl``, ``sweep.yaml`` (the resolved sweep)
 and the outputs ``results.csv``, ``objective.png``, ``best_pretrain.yaml``, ``best_pipeline.yaml``,
 ``best.json``. MLflow gets one parent run per sweep and one nested run per trial.
+
+Trust: ``Tuner.restore`` unpickles Tune's experiment files when a sweep resumes, so a sweep folder
+must be as trusted as the code; fra's own files in it (JSON, YAML, ``weights_only`` tensors) are not.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import pickle
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from fra.tuning import report
 from fra.tuning.config import Resolved, SchedulerSettings, SweepConfig, check_resources, resolve
 from fra.tuning.mlflow_runs import MLflowTrials, log_sweep_summary, open_parent_run
 from fra.tuning.space import set_paths
-from fra.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fra.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +182,14 @@ class RecordingASHA(ASHAScheduler):
     interrupted, so each stop is written to ``trials/<id>/stopped_early.json`` for the table.
     Tune does not save scheduler state either: a restored sweep would start with empty rungs and
     compare the remaining trials with fewer results. The rungs are therefore saved to
-    ``scheduler_state.pkl`` after every decision and loaded back once by a resumed sweep.
+    ``scheduler_state.json`` after every decision and loaded back once by a resumed sweep.
+    The file is plain JSON (numbers and trial ids), never a pickle: a sweep folder on shared storage
+    can be written by others, and reading fra's own state must not run their code.
     """
 
-    STATE_FILE = "scheduler_state.pkl"
+    STATE_FILE = "scheduler_state.json"
+    LEGACY_STATE_FILE = "scheduler_state.pkl"  # what earlier fra wrote (a pickle): refused, never loaded
+    FORMAT = "fra-asha-state/1"
 
     def __init__(self, exp_dir: str, **kwargs):
         super().__init__(**kwargs)
@@ -208,23 +215,63 @@ class RecordingASHA(ASHAScheduler):
         return action
 
     def _load_once(self) -> None:
-        path = Path(self.exp_dir) / self.STATE_FILE
-        if self._loaded or not path.is_file():
-            self._loaded = True
+        if self._loaded:
             return
         self._loaded = True
-        state = pickle.loads(path.read_bytes())  # written by this class for this sweep
-        self._brackets, self._num_stopped = state["brackets"], state["num_stopped"]
-        self._trial_info.update(state["trial_info"])
-        log.info("ASHA: restored rungs of %d trial(s) from %s", len(state["trial_info"]), path)
+        refuse_legacy_scheduler_state(Path(self.exp_dir))
+        path = Path(self.exp_dir) / self.STATE_FILE
+        if not path.is_file():
+            return
+        self.load_state(path)
+        log.info("ASHA: restored rungs of %d trial(s) from %s", len(self._trial_info), path)
+
+    def state(self) -> dict:
+        """The rungs as JSON-safe data: recorded rewards per milestone, each trial's bracket index."""
+        def reward(v):  # numpy floats -> float; NaN (a missing metric) -> None
+            v = float(v)
+            return None if math.isnan(v) else v
+
+        return {"format": self.FORMAT, "num_stopped": int(self._num_stopped),
+                "brackets": [[[float(m), {str(t): reward(v) for t, v in rec.items()}] for m, rec in b._rungs]
+                             for b in self._brackets],
+                "trial_info": {str(t): self._brackets.index(b) for t, b in self._trial_info.items()}}
+
+    def load_state(self, path: Path) -> None:
+        """Fill the rungs from :meth:`state`'s JSON; refuses a file of another shape or scheduler."""
+        try:
+            state = json.loads(path.read_text())
+            if state.get("format") != self.FORMAT:
+                raise ValueError(f"format {state.get('format')!r}, expected {self.FORMAT!r}")
+            brackets = state["brackets"]
+            if [[float(m) for m, _ in b] for b in brackets] != [[float(m) for m, _ in b._rungs]
+                                                                 for b in self._brackets]:
+                raise ValueError("its rung milestones differ from this scheduler's (scheduler settings changed)")
+            for saved, bracket in zip(brackets, self._brackets):
+                for (_, rec), (_, mine) in zip(saved, bracket._rungs):
+                    mine.update({str(t): float("nan") if v is None else float(v) for t, v in rec.items()})
+            self._trial_info.update({str(t): self._brackets[int(i)] for t, i in state["trial_info"].items()})
+            self._num_stopped = int(state["num_stopped"])
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise ConfigError(f"{path}: not a readable ASHA state ({exc}); delete it to resume the sweep with "
+                              "empty rungs, or start a new sweep under another run.name") from exc
 
     def _save(self) -> None:
-        state = {"brackets": self._brackets, "trial_info": self._trial_info, "num_stopped": self._num_stopped}
-        atomic_write_bytes(Path(self.exp_dir) / self.STATE_FILE, pickle.dumps(state))
+        atomic_write_json(Path(self.exp_dir) / self.STATE_FILE, self.state())
+
+
+def refuse_legacy_scheduler_state(exp_dir: Path) -> None:
+    """A ``scheduler_state.pkl`` (older fra) is refused, never unpickled: loading it would run its writer's code."""
+    legacy = exp_dir / RecordingASHA.LEGACY_STATE_FILE
+    if legacy.is_file():
+        raise ConfigError(
+            f"{legacy}: ASHA state saved as a pickle by an older fra; fra no longer unpickles files it finds in a "
+            "sweep folder. Delete it to resume with empty rungs (trials already stopped stay stopped), or start "
+            "a new sweep under another run.name")
 
 
 def check_snapshot(cfg: SweepConfig, exp_dir: Path, resume: bool) -> None:
     """Refuse to resume a sweep whose trial-defining settings changed (or to reuse one on --fresh)."""
+    refuse_legacy_scheduler_state(exp_dir)
     snap = exp_dir / "sweep.yaml"
     if not snap.is_file():
         return
@@ -284,4 +331,4 @@ def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: Path, fer: dic
 
 
 __all__ = ["SweepResult", "SweepInterrupted", "run_sweep", "expected_trials", "build_scheduler", "RecordingASHA",
-           "check_snapshot", "fer_shards", "write_outputs"]
+           "refuse_legacy_scheduler_state", "check_snapshot", "fer_shards", "write_outputs"]
