@@ -97,6 +97,39 @@ def test_torchvision_state_dict_and_fra_export(tmp_path, fra_model):
     assert set(missing) == {"fc.weight", "fc.bias"}
 
 
+def _load_like_the_reference_fer_script(path, arch: str, num_classes: int, model_prefix: str) -> tuple:
+    """FRA_SPEC §9 "Loading", step by step, as the reference's ``main_fer.py --finetune --pretrained
+    PATH --model-prefix PREFIX`` does it: torchvision ResNet with a fresh ``num_classes`` head; the
+    file's ``state_dict`` entry if it has one, else the file; every ``module.`` and every
+    ``PREFIX.`` removed from the keys; non-strict load asserting that only ``fc`` is missing; then
+    the checkpoint's ``epoch`` is read (printed)."""
+    model = getattr(tvm, arch)(num_classes=num_classes)
+    ckpt = torch.load(path, map_location="cpu")
+    sd = ckpt["state_dict"] if "state_dict" in ckpt else ckpt
+    sd = {k.replace("module.", ""): v for k, v in sd.items()}
+    sd = {k.replace(model_prefix + ".", ""): v for k, v in sd.items()}
+    msg = model.load_state_dict(sd, strict=False)
+    assert set(msg.missing_keys) == {"fc.weight", "fc.bias"}, msg.missing_keys
+    return model, f"loaded pre-trained model '{path}' (epoch {ckpt['epoch']})"
+
+
+@pytest.mark.parametrize("prefix", ["online_net.backbone", "encoder_q"])  # the README's; the default
+def test_fra_export_loads_in_the_reference_fer_script(tmp_path, fra_model, prefix):
+    from fra.train.checkpointing import export_backbone
+
+    weights, _ = export_backbone(fra_model, tmp_path / "export", CFG, 64, epoch=7)
+    net, line = _load_like_the_reference_fer_script(weights, "resnet18", 7, prefix)
+    assert line.endswith("(epoch 7)")
+    assert _same_backbone(net, fra_model.online_net.backbone.state_dict()) and net.fc.out_features == 7
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    # and the official checkpoint layout itself, as a control of the restated procedure
+    torch.save(_official_checkpoint(fra_model), tmp_path / "official.pth.tar")
+    net, line = _load_like_the_reference_fer_script(tmp_path / "official.pth.tar", "resnet18", 7, prefix)
+    assert line.endswith("(epoch 50)") and _same_backbone(net, fra_model.online_net.backbone.state_dict())
+
+
 def test_missing_backbone_keys_and_shape_mismatch_fail_loudly(tmp_path):
     ckpt, _ = _frl_checkpoint()
     sd = ckpt["state_dict"]

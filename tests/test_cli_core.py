@@ -61,6 +61,7 @@ def test_convert_official_checkpoint(tmp_path, tiny_checkpoint):
     assert main(["convert", str(tmp_path / "official.pth.tar"), str(tmp_path / "bb")]) == 0
     card = json.loads((tmp_path / "bb" / "model_card.json").read_text())
     assert card["architecture"] == "resnet18" and card["source_layout"] == "fra-official"
+    assert torch.load(tmp_path / "bb" / "backbone.pt", weights_only=True)["epoch"] == 50
     # heat maps straight from the official checkpoint
     images = tmp_path / "faces"
     write_image_folder(images, SyntheticFaces(num_identities=5, images_per_identity=1, size=64), "train")

@@ -138,6 +138,7 @@ def test_plain_runner_loss_goes_down_and_exports(tmp_path):
     assert ck["state"]["step"] == 2 * (64 // 8) and ck["state"]["epoch"] == 2
     card = (result.backbone.parent / "model_card.json").read_text()
     assert '"architecture": "resnet18"' in card
+    assert torch.load(result.backbone, weights_only=True)["epoch"] == 2  # what main_fer.py prints
 
 
 def test_export_backbone_is_torchvision_compatible(tmp_path):

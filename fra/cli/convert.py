@@ -29,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
         net, report = load_backbone(obj)  # validates: all backbone keys present, shapes agree
         sd, layout, _ = backbone_state_dict(obj, args.source)
         arch = infer_arch(sd)
-        atomic_torch_save({"format": FRA_BACKBONE_FORMAT, "arch": arch, "state_dict": sd}, out / "backbone.pt")
+        epoch = obj.get("epoch") if isinstance(obj, dict) else None  # official checkpoints carry it
+        epoch = epoch if isinstance(epoch, int) else 0
+        atomic_torch_save({"format": FRA_BACKBONE_FORMAT, "arch": arch, "epoch": epoch, "state_dict": sd},
+                          out / "backbone.pt")
         atomic_write_json(out / "model_card.json", {"format": FRA_BACKBONE_FORMAT, "architecture": arch,
                                                    "converted_from": str(args.source), "source_layout": layout})
         print(f"{report}\nwrote {out / 'backbone.pt'}")

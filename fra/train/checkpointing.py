@@ -79,8 +79,14 @@ def config_hash(config: Any) -> str:
 
 
 def export_backbone(model, out_dir: str | Path, config, image_size: int, manifest_fingerprint: str = "",
-                    mean=None, std=None, extra_card: dict | None = None) -> tuple[Path, Path]:
+                    mean=None, std=None, extra_card: dict | None = None, epoch: int = 0) -> tuple[Path, Path]:
     """Write ``backbone.pt`` (torchvision ResNet names) and ``model_card.json``.
+
+    ``backbone.pt`` is ``{"format", "arch", "epoch", "state_dict"}``: besides fra's own loader and
+    ``torchvision.models.<arch>().load_state_dict(obj["state_dict"], strict=False)``, the reference's
+    ``main_fer.py --finetune --pretrained backbone.pt --model-prefix online_net.backbone`` loads it
+    (it takes ``state_dict``, strips the prefixes, asserts that only ``fc`` is missing and prints
+    ``epoch``, the pretraining epochs completed, as in its own training checkpoints).
 
     ``mean``/``std`` default to the normalisation the views were trained with
     (:func:`fra.config.view_normalization` of a :class:`PretrainConfig`, else VGGFace2's).
@@ -95,7 +101,7 @@ def export_backbone(model, out_dir: str | Path, config, image_size: int, manifes
     out_dir = Path(out_dir)
     sd = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
     arch = model.cfg.backbone.removesuffix("_encoder")
-    weights = atomic_torch_save({"format": FRA_BACKBONE_FORMAT, "arch": arch, "state_dict": sd},
+    weights = atomic_torch_save({"format": FRA_BACKBONE_FORMAT, "arch": arch, "epoch": int(epoch), "state_dict": sd},
                                 out_dir / "backbone.pt")
     card = {
         "format": FRA_BACKBONE_FORMAT,
@@ -103,6 +109,7 @@ def export_backbone(model, out_dir: str | Path, config, image_size: int, manifes
         "torchvision_compatible": True,
         "method": model.cfg.method,
         "input_size": image_size,
+        "epochs_trained": int(epoch),
         "normalization": {"mean": list(mean), "std": list(std)},
         "out_channels": int(model.backbone.out_channels),
         "config": to_dict(config),

@@ -122,7 +122,7 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
     if progress:
         sys.stderr.write("\n")
     log.info("trained %d steps in %.1f s", state.step, time.perf_counter() - t0)
-    weights, _ = export_backbone(model, run_dir / "export", cfg, cfg.data.image_size)
+    weights, _ = export_backbone(model, run_dir / "export", cfg, cfg.data.image_size, epoch=state.epoch)
     heatmaps: list[Path] = []
     if cfg.model.method == "fra" and cfg.run.heatmaps_every_epoch:
         probes = synthetic_probe_images(cfg, run_dir / "probe")

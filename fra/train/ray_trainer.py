@@ -382,7 +382,7 @@ def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> Ray
         with result.checkpoint.as_directory() as d:
             shutil.copytree(d, local / "final")
         model = build_model(cfg.model)
-        restore(load_checkpoint(local / "final" / CHECKPOINT_FILE), model, restore_rng=False)
+        final_state = restore(load_checkpoint(local / "final" / CHECKPOINT_FILE), model, restore_rng=False)
         rv = result.return_value or {}
         region = region_score(cfg, model)
         skipped = rv.get("skipped_corrupt_per_epoch", [])
@@ -393,7 +393,7 @@ def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> Ray
         if region:
             extra["region_awareness"] = region
         export_backbone(model, local / "export", cfg, cfg.data.image_size, manifest_fingerprint=fingerprint,
-                        extra_card=extra)
+                        extra_card=extra, epoch=final_state.epoch)
         if cfg.model.method == "swav":  # also in FRL's release layout (FRL_SPEC §1.6)
             from fra.models.swav import frl_checkpoint
             from fra.utils.io import atomic_torch_save
