@@ -40,12 +40,82 @@ def test_cluster_yaml_is_valid(cfg):
     setup = " ".join(prepared["setup_commands"])
     assert '"ray[default,train,tune,data]==2.60.0"' in setup and "-e ~/fra" in setup
     mounts = prepared["file_mounts"]
-    assert mounts["/home/ubuntu/fra/fra"] == "./fra" and "/home/ubuntu/fra/pyproject.toml" in mounts
+    assert mounts["~/fra/fra"] == "./fra" and "~/fra/pyproject.toml" in mounts
     root = CLUSTER_YAML.parent
-    missing = [src for src in mounts.values() if not (root / src).exists()]
+    missing = [src for src in mounts.values() if not src.startswith("~") and not (root / src).exists()]
     assert not missing, f"file_mounts sources missing from the checkout: {missing}"
     assert not any(src in (".", "./") for src in mounts.values()), "mounting the whole checkout hashes .venv"
     assert "s3://" in setup and "FRA_STORAGE_PATH" in setup and "FRA_SHARDS_URI" in setup
+
+
+def _ray_starts(cfg: dict, key: str) -> list[list[str]]:
+    """The words of each `ray start` in a start-command list, with the env assignments before it."""
+    out = []
+    for cmd in cfg[key]:
+        for part in re.split(r";|&&|\|\|", cmd):
+            words = shlex.split(part)
+            if "ray" in words and words[words.index("ray") + 1:words.index("ray") + 2] == ["start"]:
+                out.append(words)
+    return out
+
+
+def test_every_node_joins_with_the_token(cfg):
+    """Ray 2.60: a worker's `ray start --address` without RAY_AUTH_MODE=token is refused by a head
+    with token auth (AuthenticationError ... InvalidAuthToken; seen on a two-raylet cluster here)."""
+    heads, workers = _ray_starts(cfg, "head_start_ray_commands"), _ray_starts(cfg, "worker_start_ray_commands")
+    assert len(heads) == 1 and "--head" in heads[0] and len(workers) == 1 and "--address=$RAY_HEAD_IP:6379" in workers[0]
+    for words in heads + workers:
+        env = words[:words.index("ray")]
+        assert "RAY_AUTH_MODE=token" in env, f"`ray start` without RAY_AUTH_MODE=token: {words}"
+    # the one token, made once with `ray get-auth-token --generate`, is copied to every node
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert not any("RAY_AUTH_TOKEN=" in c for c in cfg["setup_commands"] + cfg["head_start_ray_commands"])
+    # jobs and shells on the nodes see the mode too (ray job submit on the head, ray.init in jobs)
+    fra_env = cfg["metadata"]["fra_env"]
+    assert "'export RAY_AUTH_MODE=token'" in fra_env and "> ~/fra.env" in fra_env
+    assert cfg["setup_commands"][0] == fra_env
+
+
+def test_token_check_catches_a_worker_without_the_mode(cfg):
+    broken = copy.deepcopy(cfg)
+    broken["worker_start_ray_commands"] = [c.replace("RAY_AUTH_MODE=token ", "") for c in cfg["worker_start_ray_commands"]]
+    with pytest.raises(AssertionError, match="without RAY_AUTH_MODE=token"):
+        test_every_node_joins_with_the_token(broken)
+
+
+def test_site_values_are_in_one_place(cfg):
+    """Region, zones, image, instance profile and the bucket are written once, in `metadata`."""
+    text = CLUSTER_YAML.read_text()
+    meta = cfg["metadata"]
+    assert cfg["provider"]["region"] == meta["region"] and cfg["provider"]["availability_zone"] == meta["zones"]
+    assert cfg["docker"]["image"] == meta["image"]
+    assert cfg["available_node_types"]["gpu_worker"]["node_config"]["IamInstanceProfile"]["Name"] == \
+        meta["worker_instance_profile"]
+    assert text.count(meta["region"]) == 1 + meta["image"].count(meta["region"]) + meta["zones"].count(meta["region"])
+    assert text.count("s3://") == 1 and "s3://" in meta["fra_env"]
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands", "head_start_ray_commands"):
+        assert "s3://" not in " ".join(cfg[key][1:] if key == "setup_commands" else cfg[key])
+
+
+def test_mlflow_database_is_restored_and_backed_up_by_the_head(cfg):
+    start = " ".join(cfg["head_start_ray_commands"])
+    restore, server = start.index("fra mlflow-db restore"), start.index("mlflow server")
+    watch = start.index("fra mlflow-db watch")
+    assert restore < server < watch, "restore before the server starts, back up while it runs"
+    assert '--from "$FRA_MLFLOW_DB_BACKUP"' in start and '--to "$FRA_MLFLOW_DB_BACKUP"' in start
+    between = start[restore:server]
+    assert "&&" in between and ";" not in between, "a failed restore must not start an empty server"
+    assert "sqlite:///$HOME/mlflow/mlflow.db" in start and "--db ~/mlflow/mlflow.db" in start
+
+
+def test_dockerfile_matches_the_pins():
+    dockerfile = (CLUSTER_YAML.parent / "docker" / "Dockerfile").read_text()
+    pyproject = (CLUSTER_YAML.parent / "pyproject.toml").read_text()
+    base = re.search(r"^FROM rayproject/ray:(\S+)-py(\d)(\d+)-gpu$", dockerfile, re.M)
+    assert base, "the image builds on Ray's official GPU image"
+    assert f'"ray[default,train,tune,data]=={base.group(1)}"' in pyproject
+    torch_max = re.search(r'"torch>=[^,]+,<=([^"]+)"', pyproject).group(1)
+    assert f'"torch=={torch_max}"' in dockerfile
 
 
 @pytest.mark.parametrize("breakage, error", [

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("fra.cli.run", "run a declarative pipeline YAML"),
     "registry": ("fra.cli.registry", "MLflow model registry: list, show, promote, rollback"),
     "convert": ("fra.cli.convert", "convert an official FRA / FRL checkpoint to fra's format"),
+    "mlflow-db": ("fra.cli.mlflow_db", "back up / restore the MLflow server's sqlite database (cluster head)"),
 }
 
 
