@@ -229,6 +229,7 @@ class RunSettings:
     storage_path: str = "runs"
     seed: int = 0
     log_every: int = 10
+    finite_check_every: int = 0  # steps between non-finite loss checks; 0 = at log steps (checkpoints always check)
     checkpoint_every: int = 0  # steps; 0 = at epoch end only
     keep_checkpoints: int = 2
     max_steps: int = 0  # 0 = the full schedule; >0 truncates (smoke tests)

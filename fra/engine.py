@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -17,17 +16,13 @@ import torch
 from torch import nn
 
 from fra.config import ModelConfig, OptimConfig, effective_lr
-from fra.errors import FraError
+from fra.nonfinite import FiniteCheck, NonFiniteLossError, check_finite  # noqa: F401 (re-exported)
 from fra.optim.schedules import ema_momentum, pretrain_lr, swav_lr
 
 log = logging.getLogger(__name__)
 
 VGGFACE2_MEAN = (0.5231, 0.4044, 0.3489)
 VGGFACE2_STD = (0.2536, 0.2194, 0.2070)
-
-
-class NonFiniteLossError(FraError, FloatingPointError):
-    """A loss component became NaN/inf; raised before the weights are touched."""
 
 
 class Normalizer:
@@ -106,20 +101,10 @@ def autocast_context(device_type: str, amp: str):
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
-def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
-    """Raise :class:`NonFiniteLossError` naming the step and the first bad component."""
-    values = torch.stack([v.detach().float() for v in losses.values()])
-    if bool(torch.isfinite(values).all()):
-        return
-    bad = [k for k, v in losses.items() if not math.isfinite(float(v.detach()))]
-    raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(bad)} "
-                             f"({ {k: float(losses[k].detach()) for k in bad} }); weights left untouched")
-
-
 def train_step(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, *views: torch.Tensor,
                step: int, lr: float, momentum: float, online: nn.Module | None = None,
-               scaler: torch.amp.GradScaler | None = None, amp: str = "off", grad_clip: float = 0.0
-               ) -> dict[str, torch.Tensor]:
+               scaler: torch.amp.GradScaler | None = None, amp: str = "off", grad_clip: float = 0.0,
+               check: bool = True) -> dict[str, torch.Tensor]:
     """One optimisation step on a batch of (normalised) views.
 
     The model is any method (FRA, BYOL, SwAV) with ``forward(*views, online=None)`` and the
@@ -132,6 +117,9 @@ def train_step(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, *vie
         views: two or more view batches (B, 3, H, W).
         online: optional DDP-wrapped view of the model's trainable part.
         scaler: a GradScaler for fp16 AMP (None otherwise).
+        check: raise :class:`NonFiniteLossError` before the weights are touched if a loss is
+            non-finite (a host read); the epoch loop passes False and checks with a
+            :class:`~fra.nonfinite.FiniteCheck` every few steps instead.
     Returns:
         detached loss components.
     """
@@ -140,7 +128,8 @@ def train_step(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, *vie
     with autocast_context(views[0].device.type, amp):
         out = model(*views, online=online)
         losses = loss_fn(out)
-    check_finite(losses, step)
+    if check:
+        check_finite(losses, step)
     model.after_forward(out)
     optimizer.zero_grad(set_to_none=True)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -180,7 +169,7 @@ def batch_views(batch: dict, normalizer: Normalizer) -> list[torch.Tensor]:
 def train_one_epoch(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[dict],
                     schedule: Schedule, state: TrainState, normalizer: Normalizer, *,
                     online: nn.Module | None = None, scaler=None, amp: str = "off", grad_clip: float = 0.0,
-                    log_every: int = 10, max_steps: int = 0,
+                    log_every: int = 10, max_steps: int = 0, finite: FiniteCheck | None = None,
                     on_log: Callable[[dict], None] | None = None,
                     on_step: Callable[[TrainState], None] | None = None) -> dict[str, float]:
     """Run one epoch (or until ``max_steps`` global steps) and return its mean metrics.
@@ -188,10 +177,18 @@ def train_one_epoch(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
     Every ``log_every`` steps ``on_log`` receives the loss components, lr, EMA momentum,
     images/s and the fraction of time spent waiting for data. ``on_step`` runs after every
     step (checkpointing hooks).
+
+    The step never reads a device value back: the losses are summed on the device and read
+    at log steps and at the epoch's end, and non-finite losses are flagged on the device and
+    checked by ``finite`` (:class:`~fra.nonfinite.FiniteCheck`: every ``finite.every`` steps,
+    at log steps and at the epoch's end; a checkpoint hook must call ``finite.check()`` before
+    it writes). Without ``finite`` a fresh one checks at log steps and the epoch's end.
     """
     model.train()
     model.set_epoch(state.epoch)
-    sums: dict[str, float] = {}
+    finite = finite if finite is not None else FiniteCheck()
+    keys: tuple[str, ...] = ()
+    sums: torch.Tensor | None = None  # (C,) float64 on the device
     n = 0
     images = 0
     wait = 0.0
@@ -212,26 +209,32 @@ def train_one_epoch(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
         views = batch_views(batch, normalizer)
         lr, m = schedule.lr(state.step), schedule.momentum(state.step)
         losses = train_step(model, loss_fn, optimizer, *views, step=state.step, lr=lr, momentum=m,
-                            online=online, scaler=scaler, amp=amp, grad_clip=grad_clip)
+                            online=online, scaler=scaler, amp=amp, grad_clip=grad_clip, check=False)
+        keys = tuple(losses)
+        values = torch.stack([v.float() for v in losses.values()])
+        finite.record(keys, values, state.step)
+        sums = values.double() if sums is None else sums.add_(values)
         state.step += 1
         n += 1
         images += views[0].shape[0]
         win_images += views[0].shape[0]
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        logging_step = bool(log_every) and state.step % log_every == 0
+        if logging_step or finite.due(state.step):
+            finite.check()
         if on_step is not None:
             on_step(state)
-        if log_every and state.step % log_every == 0:
+        if logging_step:
             now = time.perf_counter()
-            metrics = {k: float(v) for k, v in losses.items()}
+            metrics = dict(zip(keys, values.tolist()))
             metrics.update(step=state.step, epoch=state.epoch, lr=lr, momentum=m,
                            images_per_s=win_images / max(now - t_last, 1e-9),
                            data_wait_frac=win_wait / max(now - t_last, 1e-9))
             t_last, win_images, win_wait = now, 0, 0.0
             if on_log is not None:
                 on_log(metrics)
+    finite.check()
     elapsed = time.perf_counter() - t_start
-    out = {k: v / max(n, 1) for k, v in sums.items()}
+    out = {k: v / max(n, 1) for k, v in zip(keys, sums.tolist() if sums is not None else [])}
     out.update(steps=n, images=images, images_per_s=images / max(elapsed, 1e-9),
                data_wait_frac=wait / max(elapsed, 1e-9), epoch=state.epoch)
     return out

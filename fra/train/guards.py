@@ -1,8 +1,9 @@
-"""Training guards: non-finite losses agreed across workers, and a collapse detector.
+"""Training guards: the collapse detector (non-finite losses: :mod:`fra.nonfinite`).
 
-Both must reach the *same* decision on every worker, otherwise one rank stops while the
-others block in the next collective. Non-finite flags are all-reduced every step (one tiny
-MAX reduction); collapse is judged on metrics that were already averaged over workers.
+A guard must reach the *same* decision on every worker, otherwise one rank stops while the
+others block in the next collective. Non-finite flags are agreed over workers by
+:class:`fra.nonfinite.FiniteCheck` at its checks; collapse is judged on metrics that were
+already averaged over workers.
 """
 from __future__ import annotations
 
@@ -10,10 +11,7 @@ import logging
 import math
 
 import torch
-import torch.distributed as tdist
-from torch import nn
 
-from fra import dist
 from fra.errors import FraError
 
 log = logging.getLogger(__name__)
@@ -21,37 +19,6 @@ log = logging.getLogger(__name__)
 
 class CollapseError(FraError):
     """Representations collapsed (``run.collapse_action: stop``)."""
-
-
-class SyncedNonFinite(nn.Module):
-    """Wrap a loss module so every worker sees a component as non-finite if any worker does.
-
-    The engine's check (``NonFiniteLossError``, raised before the weights are touched) then
-    fires on all ranks at the same step, and nobody is left waiting in DDP's gradient
-    all-reduce. In one process this is a transparent pass-through.
-    """
-
-    def __init__(self, loss_fn: nn.Module):
-        super().__init__()
-        self.loss_fn = loss_fn
-        self.bad_ranks: list[int] = []
-
-    def forward(self, out) -> dict[str, torch.Tensor]:
-        losses = self.loss_fn(out)
-        if not dist.is_distributed():
-            return losses
-        keys = sorted(losses)
-        local = torch.stack([~torch.isfinite(losses[k].detach().float()) for k in keys]).float()
-        agreed = local.clone()  # on the loss device: CPU for gloo, CUDA for NCCL
-        tdist.all_reduce(agreed, op=tdist.ReduceOp.MAX)
-        if not bool(agreed.any()):
-            return losses
-        who = torch.zeros(dist.world_size(), device=agreed.device)
-        who[dist.rank()] = float(local.any())
-        tdist.all_reduce(who)
-        self.bad_ranks = [i for i, v in enumerate(who.tolist()) if v > 0]
-        nan = torch.tensor(float("nan"))
-        return {k: (losses[k] if not agreed[i] else nan.to(losses[k].device)) for i, k in enumerate(keys)}
 
 
 @torch.no_grad()

@@ -22,15 +22,16 @@ import torch
 
 from fra import dist
 from fra.config import PretrainConfig, dump_yaml, from_dict, per_worker_batch, view_normalization
-from fra.engine import NonFiniteLossError, Normalizer, Schedule, TrainState, train_one_epoch
+from fra.engine import Normalizer, Schedule, TrainState, train_one_epoch
 from fra.errors import DataError
 from fra.losses import build_loss
 from fra.losses.swav import swav_collapse_check
 from fra.models import build_model, online_view
+from fra.nonfinite import FiniteCheck, NonFiniteLossError
 from fra.optim import build_optimizer
 from fra.tracking import RunLogger
 from fra.train.checkpointing import CHECKPOINT_FILE, load_checkpoint, restore, save_checkpoint
-from fra.train.guards import CollapseDetector, CollapseError, SyncedNonFinite, heatmap_uniformity
+from fra.train.guards import CollapseDetector, CollapseError, heatmap_uniformity
 
 log = logging.getLogger("fra.train.worker")
 
@@ -61,7 +62,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 model, loss_fn, optimizer, epoch_batches(stream, state, plan["iters_per_epoch"]), schedule,
                 state, hooks.normalizer, online=online, scaler=scaler, amp=cfg.scaling.amp,
                 grad_clip=cfg.optim.grad_clip, log_every=cfg.run.log_every, max_steps=plan["total_steps"],
-                on_log=hooks.on_log, on_step=hooks.on_step)
+                finite=hooks.finite, on_log=hooks.on_log, on_step=hooks.on_step)
             hooks.end_epoch(state, {**stats, "skipped_corrupt": stream.skipped_corrupt})
     except (NonFiniteLossError, CollapseError) as exc:
         return hooks.stopped(state, exc)
@@ -70,7 +71,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
 # ---- setup -----------------------------------------------------------------------------------
 def build_training_objects(cfg: PretrainConfig, device: torch.device, rank: int):
-    """Model (identical init on every rank), guarded loss, optimizer and the fp16 scaler."""
+    """Model (identical init on every rank), loss, optimizer and the fp16 scaler."""
     _console()
     torch.manual_seed(cfg.run.seed)  # same init everywhere; DDP also broadcasts rank 0's weights
     model = build_model(cfg.model)
@@ -81,7 +82,7 @@ def build_training_objects(cfg: PretrainConfig, device: torch.device, rank: int)
         log.info("model.norm=syncbn ignored on CPU (torch has no CPU SyncBatchNorm): plain BatchNorm per worker")
     model.to(device)
     torch.manual_seed(cfg.run.seed + 7919 * rank)  # per-rank dropout draws
-    loss_fn = SyncedNonFinite(build_loss(cfg.model))
+    loss_fn = build_loss(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cuda") if cfg.scaling.amp == "fp16" and device.type == "cuda" else None
     return model, loss_fn, optimizer, scaler
@@ -181,6 +182,8 @@ class WorkerHooks:
         if self.probe_images and cfg.model.method == "fra":
             self.probe = self._normalize(torch.from_numpy(np.stack(self.probe_images)).permute(0, 3, 1, 2))
         self.last_metrics: dict = {}
+        # Non-finite losses: flagged on the device every step, agreed over ranks at each check.
+        self.finite = FiniteCheck(cfg.run.finite_check_every)
 
     def normalizer(self, x: torch.Tensor) -> torch.Tensor:
         x = self._normalize(x)
@@ -241,6 +244,7 @@ class WorkerHooks:
         """Rank 0 writes a full checkpoint atomically; every rank reports (Ray's barrier)."""
         import ray.train
 
+        self.finite.check()  # first: weights a non-finite step has touched are never saved
         tmp, ck = None, None
         if self.rank == 0:
             tmp = Path(tempfile.mkdtemp(prefix="fra-ckpt-"))
