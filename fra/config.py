@@ -203,6 +203,22 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class DDPConfig:
+    """Options of the DistributedDataParallel wrapper of the trainable model (``scaling.ddp``)."""
+
+    # auto = False when SyncBN is active (GPU + model.norm=syncbn): its running statistics are
+    # already identical on every rank, so DDP's broadcast of rank 0's buffers before each forward
+    # is a wasted collective; True otherwise (per-rank BatchNorm keeps rank 0's statistics).
+    broadcast_buffers: bool | str = "auto"  # auto | true | false
+    gradient_as_bucket_view: bool = True  # gradients live in DDP's buckets: one copy less, less memory
+    bf16_compress: bool = False  # all-reduce gradients in bfloat16 (NCCL only): half the traffic, less precision
+
+    def __post_init__(self) -> None:
+        if isinstance(self.broadcast_buffers, str) and self.broadcast_buffers != "auto":
+            raise ConfigError(f"scaling.ddp.broadcast_buffers must be auto, true or false, got {self.broadcast_buffers!r}")
+
+
+@dataclass(frozen=True)
 class ScalingConfig:
     """Ray Train scaling: workers, devices, precision, fault tolerance."""
 
@@ -212,10 +228,16 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0
     amp: str = "off"  # off | fp16 (CUDA, GradScaler) | bf16
     max_failures: int = 3
-    placement_timeout_s: float = 600.0  # stop with a clear message instead of waiting forever
+    # Stop with a clear message instead of waiting forever. 30 min: an autoscaled node that has to
+    # be started cold (EC2 boot, image pull, and with Ray's stock image or a bare AMI the ~6 GB torch
+    # install: 15-20 min, docs/cloud.md §2) must still be in time, with margin for a spot retry.
+    placement_timeout_s: float = 1800.0
+    ddp: DDPConfig = field(default_factory=DDPConfig)
 
     def __post_init__(self) -> None:
         _check_choice("scaling.amp", self.amp, ("off", "fp16", "bf16"))
+        if self.ddp.bf16_compress and not self.use_gpu:
+            raise ConfigError("scaling.ddp.bf16_compress needs scaling.use_gpu: true (a NCCL communication hook)")
         counts = self.num_workers if isinstance(self.num_workers, list) else [self.num_workers]
         if len(counts) not in (1, 2) or any(c < 1 for c in counts) or counts != sorted(counts):
             raise ConfigError(f"scaling.num_workers must be N >= 1 or [min, max], got {self.num_workers!r}")

@@ -30,6 +30,7 @@ from fra.models import build_model, online_view
 from fra.nonfinite import FiniteCheck, NonFiniteLossError
 from fra.optim import build_optimizer
 from fra.tracking import RunLogger
+from fra.train import ddp
 from fra.train.checkpointing import CHECKPOINT_FILE, load_checkpoint, restore, save_checkpoint
 from fra.train.guards import CollapseDetector, CollapseError, heatmap_uniformity
 
@@ -50,7 +51,7 @@ def train_loop_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()
     model, loss_fn, optimizer, scaler = build_training_objects(cfg, device, rank)
     state = resume(ray.train.get_checkpoint(), model, optimizer, scaler, cfg, rank, config)
-    online = ray.train.torch.prepare_model(online_view(model), move_to_device=False)
+    online = ddp.prepare(online_view(model), cfg)  # prepare_model with scaling.ddp's options
     hooks = WorkerHooks(cfg, plan, model, optimizer, scaler, rank, world, config, device)
     schedule = Schedule.from_config(cfg.optim, cfg.model, plan["iters_per_epoch"])
     shard = ray.train.get_dataset_shard("train")
