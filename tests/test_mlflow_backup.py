@@ -148,3 +148,28 @@ def test_restore_keeps_an_existing_database_and_rejects_a_corrupt_backup(tmp_pat
     with pytest.raises(FraError, match="not a usable sqlite database"):
         restore(str(tmp_path / "bad.db"), tmp_path / "fresh2" / "mlflow.db")
     assert not (tmp_path / "fresh2" / "mlflow.db").exists()
+
+
+def test_watch_uploads_once_more_when_stopped(tmp_path):
+    """A `ray up` restart stops the watcher with SIGTERM: a change since its last round is not lost."""
+    import signal
+
+    db, dest = tmp_path / "mlflow.db", tmp_path / "backup" / "mlflow.db"
+    con = sqlite3.connect(db)
+    con.execute("create table t (x)")
+    con.commit()
+    backup(db, str(dest))
+    proc = subprocess.Popen([sys.executable, "-m", "fra.cli.main", "mlflow-db", "watch", "--db", str(db),
+                             "--to", str(dest), "--every", "3600"], stderr=subprocess.PIPE, text=True)
+    try:
+        started = proc.stderr.readline()
+        assert "every 3600 s" in started, started
+        con.execute("insert into t values (7)")
+        con.commit()
+        con.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sqlite3.connect(dest).execute("select x from t").fetchall() == [(7,)]
