@@ -238,3 +238,30 @@ def test_two_gloo_workers_agree_on_the_check(tmp_path, bad_rank):
     step, ranks, stopped_at, message = results[0]
     assert (step, ranks, stopped_at) == (2, (1,), 3)
     assert "non-finite loss at step 2: loss (" in message and "on worker(s) 1" in message
+
+
+def test_swav_multicrop_step_with_queue_reads_back_only_at_log_steps():
+    """FRL's SwAV: multi-crop views, LARC, distributed Sinkhorn, prototype freezing and the queue."""
+    swav = {"num_prototypes": 30, "proj_hidden": 64, "proj_dim": 32, "freeze_prototypes_iters": 2,
+            "queue_length": 8, "epoch_queue_starts": 0, "nmb_crops": [2, 2], "size_crops": [32, 16],
+            "min_scale_crops": [0.14, 0.05], "max_scale_crops": [1.0, 0.14]}
+    cfg = from_dict(PretrainConfig, {
+        "model": {"method": "swav", "backbone": "resnet18", "swav": swav},
+        "optim": {"optimizer": "larc", "schedule": "swav", "lr": 0.6, "epochs": 1, "warmup_epochs": 0,
+                  "batch_size": BATCH}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    n, log_every = 7, 3
+    g = torch.Generator().manual_seed(0)
+    crops = {"view1": 32, "view2": 32, "crop1": 16, "crop2": 16}
+    batches = [{k: torch.randint(0, 256, (BATCH, 3, s, s), dtype=torch.uint8, generator=g) for k, s in crops.items()}
+               for _ in range(n)]
+    marks = []
+    with HostSyncs() as syncs:
+        train_one_epoch(model, build_loss(cfg.model), opt, _marked(batches, syncs, marks),
+                        Schedule.from_config(cfg.optim, cfg.model, n), TrainState(), Normalizer(),
+                        online=online_view(model), log_every=log_every)
+    assert model.queue_in_use  # the last steps ran with the queue in the Sinkhorn batch
+    per_step = _per_step(marks)
+    assert {s for s, c in enumerate(per_step) if c} == {2, 5}, per_step
