@@ -1,7 +1,9 @@
 """CPU cost of one FRA pretraining step, fra vs. the reference implementation.
 
 One step = forward of both views through the online and the target network, the FRA loss,
-backward, LARS step, EMA of the target (plus reading the logged loss values). The figure is
+backward, LARS step, EMA of the target, plus what each loop does with the loss values: the
+reference reads them every step (``.item()``), fra as :func:`fra.engine.train_one_epoch` does
+(flags non-finite values and sums them on the device, reads them every ``--log-every`` steps). The figure is
 process CPU-seconds (``time.process_time``) per step at one intra-op thread, median over the
 timed steps after warm-up: on a shared machine it is far more stable than wall time.
 
@@ -51,10 +53,11 @@ class FraRunner:
 
     name = "fra"
 
-    def __init__(self, backbone: str, hidden_dim: int, num_proto: int, dropout: float):
+    def __init__(self, backbone: str, hidden_dim: int, num_proto: int, dropout: float, log_every: int = 10):
         from fra.config import ModelConfig
         from fra.losses import FRALoss
         from fra.models import build_model
+        from fra.nonfinite import FiniteCheck
         from fra.optim import LARS, ema_momentum, lars_param_groups
 
         cfg = ModelConfig(backbone=backbone, hidden_dim=hidden_dim, num_proto=num_proto, dropout=dropout)
@@ -65,28 +68,33 @@ class FraRunner:
         self.ema_momentum = ema_momentum
         self.autocast = contextlib.nullcontext
         self.step_idx = 0
+        self.finite, self.log_every, self.sums = FiniteCheck(), log_every, None
 
-    def step(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[float, dict[str, float]]:
+    def step(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """fra.engine.train_step's calls, timed phase by phase; returns the (unread) loss."""
         t0 = time.process_time()
         with self.autocast():
             out = self.model(v1, v2)
-            self.model.update_prototypes(out)
             logs = self.criterion(out)
-        loss = logs["loss"]
+        self.model.after_forward(out)
         t1 = time.process_time()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        logs["loss"].backward()
+        self.model.after_backward(self.step_idx)
         t2 = time.process_time()
         self.opt.step()
         t3 = time.process_time()
-        self.model.momentum_update(self.ema_momentum(self.step_idx, MAX_ITER))
-        self.step_idx += 1
+        self.model.after_step(self.step_idx, self.ema_momentum(self.step_idx, MAX_ITER))
         t4 = time.process_time()
-        value = loss.item()
-        for key in ("loss/base", "loss/inst", "loss/region", "loss/cluster"):
-            logs[key].item()
+        values = torch.stack([v.detach().float() for v in logs.values()])
+        self.finite.record(tuple(logs), values, self.step_idx)
+        self.sums = values.double() if self.sums is None else self.sums.add_(values)
+        self.step_idx += 1
+        if self.step_idx % self.log_every == 0:  # a log step: the check and one read of the losses
+            self.finite.check()
+            values.tolist()
         t5 = time.process_time()
-        return value, dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3 + t5 - t4)))
+        return logs["loss"].detach(), dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3 + t5 - t4)))
 
 
 # The fused LARS prototyped here was merged into fra.optim.LARS; kept as a name for the runner below.
@@ -227,7 +235,7 @@ def bench(runners: list, v1: torch.Tensor, v2: torch.Tensor, warmup: int, steps:
             cpu = time.process_time() - t0
             rec = res[r.name]
             if rec["first_loss"] is None:
-                rec["first_loss"] = loss
+                rec["first_loss"] = float(loss)
             if i >= warmup:
                 rec["cpu"].append(cpu)
                 rec["phases"].append(phases)
@@ -243,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--log-every", type=int, default=10, help="fra reads its losses every N steps (run.log_every)")
     ap.add_argument("--hidden-dim", type=int, default=4096)
     ap.add_argument("--num-proto", type=int, default=8)
     ap.add_argument("--dropout", type=float, default=0.0,
@@ -262,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.configs.split(","):
         backbone, batch, size = CONFIGS[key]
         v1, v2 = (v.float() for v in make_inputs(batch, size, seed=0))
-        runners = [FraRunner(backbone, *model_args)]
+        runners = [FraRunner(backbone, *model_args, args.log_every)]
         if args.prototype:
             runners.append(FraPrototypeRunner(backbone, *model_args))
         if args.bf16:
@@ -275,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     source = "measured side by side, steps interleaved" if ref is not None else "recorded (FRA_SPEC §12)"
     print(f"torch {torch.__version__}, {args.threads} thread(s), fp32, K={args.num_proto}, "
           f"Hd={args.hidden_dim}, dropout {args.dropout}, median of {args.steps} steps after "
-          f"{args.warmup} warm-up; reference: {source}\n")
+          f"{args.warmup} warm-up, fra reads its losses every {args.log_every} steps; reference: {source}\n")
     print("| config | implementation | CPU-s/step | vs reference | fwd / bwd / LARS / EMA+log (s) | loss at step 0 |")
     print("|---|---|---|---|---|---|")
     for key, backbone, batch, size, res in rows:

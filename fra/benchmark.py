@@ -24,11 +24,13 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable
 
-from fra.config import PretrainConfig, apply_overrides, from_dict, load_yaml, to_dict
+from fra.config import (PretrainConfig, apply_overrides, bounded, config, from_dict, load_yaml, location, one_of,
+                        path_component, to_dict)
+from fra.typed_config import REQUIRED
 from fra.errors import ConfigError
 from fra.pipeline import PipelineTracking, RayRuntime, ShardJob, _substitute, _with_defaults
 from fra.utils.io import atomic_write_json, atomic_write_text
@@ -40,7 +42,7 @@ FER_KEYS = ("top1_mean_last5", "top1_last", "mean_class_acc", "macro_f1")
 REGION_KEYS = ("miou", "nmi")
 
 
-@dataclass(frozen=True)
+@config("methods[]")
 class BenchmarkMethod:
     """One row of the table.
 
@@ -50,22 +52,17 @@ class BenchmarkMethod:
         pretrain: keys merged over the shared ``pretrain`` section for this method only.
     """
 
-    name: str
-    method: str
+    name: str = path_component()  # also names the method's run folders
+    method: str = one_of(*METHODS, default=REQUIRED)
     pretrain: dict = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"benchmark method {self.name!r}: method must be one of {list(METHODS)}, "
-                              f"got {self.method!r}")
 
-
-@dataclass(frozen=True)
+@config()
 class BenchmarkConfig:
-    kind: str = "benchmark"
-    name: str = "benchmark"
-    storage_path: str = "runs/benchmark"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    kind: str = one_of("benchmark")
+    name: str = path_component("benchmark")
+    storage_path: str = location("runs/benchmark", required=True)
+    seeds: list[int] = bounded([0, 1, 2], ge=0)
     ray: RayRuntime = field(default_factory=RayRuntime)
     tracking: PipelineTracking = field(default_factory=PipelineTracking)
     shards: list[ShardJob] = field(default_factory=list)
@@ -74,8 +71,6 @@ class BenchmarkConfig:
     evaluate: dict = field(default_factory=dict)  # protocol label -> FER config section
 
     def __post_init__(self) -> None:
-        if self.kind != "benchmark":
-            raise ConfigError(f"kind must be 'benchmark', got {self.kind!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
         names = [m.name for m in self.methods]

@@ -17,11 +17,12 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable
 
-from fra.config import PretrainConfig, apply_overrides, from_dict, load_yaml, to_dict
+from fra.config import (PretrainConfig, apply_overrides, bounded, config, from_dict, load_yaml, location, one_of,
+                        path_component, to_dict)
 from fra.errors import ConfigError
 from fra.utils.io import atomic_write_json
 
@@ -30,49 +31,49 @@ log = logging.getLogger(__name__)
 STAGES = ("shards", "pretrain", "sweep", "evaluate", "register", "promote")
 
 
-@dataclass(frozen=True)
+@config("shards[]")
 class ShardJob:
     """One ``fra shards`` conversion."""
 
     source: str
-    out: str
-    root: str = ""
+    out: str = location("", required=True)  # the shard root written
+    root: str = location("")
     split: str | None = None
-    images_per_shard: int = 5000
-    row_group_size: int = 1000
+    images_per_shard: int = bounded(5000, ge=1)
+    row_group_size: int = bounded(1000, ge=1)
     options: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@config("register")
 class RegisterStage:
     name: str = "fra-backbone"
 
 
-@dataclass(frozen=True)
+@config("promote")
 class PromoteStage:
     gate_metric: str = "fer_top1_mean_last5"
-    margin: float = 0.0
-    mode: str = "max"
+    margin: float = bounded(0.0, ge=0)
+    mode: str = one_of("max", "min")
 
 
-@dataclass(frozen=True)
+@config("ray")
 class RayRuntime:
     address: str = ""  # "" = start a local Ray; "auto" = join the cluster this runs on
-    num_cpus: int = 0  # logical CPUs of a local Ray (0 = max(4, cores): the data path needs spare CPUs)
+    num_cpus: int = bounded(0, ge=0)  # logical CPUs of a local Ray (0 = max(4, cores): the data path needs spare CPUs)
     dashboard: bool = False
 
 
-@dataclass(frozen=True)
+@config("tracking")
 class PipelineTracking:
-    mlflow_uri: str = ""  # "" = sqlite:///<storage>/mlflow.db
+    mlflow_uri: str = location("")  # "" = sqlite:///<storage>/mlflow.db
 
 
-@dataclass(frozen=True)
+@config()
 class PipelineConfig:
     """A pipeline file. ``pretrain``/``sweep``/``evaluate`` hold the stage configs as written."""
 
-    name: str = "pipeline"
-    storage_path: str = "runs/pipeline"
+    name: str = path_component("pipeline")
+    storage_path: str = location("runs/pipeline", required=True)
     vars: dict = field(default_factory=dict)  # ${key} substitutions, e.g. dataset roots
     stages: list[str] = field(default_factory=lambda: ["pretrain", "evaluate", "register", "promote"])
     ray: RayRuntime = field(default_factory=RayRuntime)

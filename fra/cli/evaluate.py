@@ -34,9 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from fra.config import load_config, to_dict
+    from fra.config import check_path_component, load_config, to_dict
     from fra.evaluation.fer import FERConfig, evaluate_fer, resolve_optim
 
+    if args.name is not None:
+        check_path_component("--name", args.name)  # a folder under run.storage_path
     overrides = list(args.overrides) + (["backbone.trust_pickle=true"] if args.trust_pickle else [])
     cfg = load_config(FERConfig, args.config, overrides)
     if cfg.backbone.trust_pickle:

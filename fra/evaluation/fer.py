@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fra.config import _check_choice, to_dict
+from fra.config import bounded, config, location, one_of, path_component, to_dict
 from fra.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,108 +46,87 @@ NORMALIZATIONS = {"vggface2": ((0.5231, 0.4044, 0.3489), (0.2536, 0.2194, 0.2070
                   "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
-@dataclass(frozen=True)
+@config("data")
 class FERData:
-    shards: str = ""  # shard root (manifest.json + Parquet), local or s3://
+    shards: str = location("")  # shard root (manifest.json + Parquet), local or s3://
     train_split: str = "train"
     test_split: str = ""  # "" = the dataset card's evaluation split
     val_split: str = ""  # an existing split used for model selection (e.g. FER2013 PublicTest)
-    val_fraction: float = 0.0  # or: carve this fraction of train (by path hash) for model selection
-    image_size: int = 224
-    normalization: str = "vggface2"  # vggface2 (reference --data_norm) | imagenet | dataset | backbone
-    num_cpus: float = 1.0  # per Ray Data decode/augment task
-    cache_eval_mb: int = 512  # materialise test/val once when their decoded size fits (0 = never)
+    val_fraction: float = bounded(0.0, ge=0, lt=1)  # or: carve this fraction of train (by path hash) to select on
+    image_size: int = bounded(224, ge=16)
+    normalization: str = one_of("vggface2", "imagenet", "dataset", "backbone")  # vggface2: the reference --data_norm
+    num_cpus: float = bounded(1.0, gt=0)  # per Ray Data decode/augment task
+    cache_eval_mb: int = bounded(512, ge=0)  # materialise test/val once when their decoded size fits (0 = never)
     augment: dict = field(default_factory=dict)  # FERTransform overrides, e.g. {erase_p: 0.0}; {} = reference
 
-    def __post_init__(self) -> None:
-        _check_choice("data.normalization", self.normalization, ("vggface2", "imagenet", "dataset", "backbone"))
-        if self.image_size < 16:
-            raise ConfigError(f"data.image_size must be >= 16, got {self.image_size}")
 
-
-@dataclass(frozen=True)
+@config("optim")
 class FEROptim:
-    optimizer: str | None = None  # adamw | sgd; null = protocol default
-    lr: float | None = None  # trunk lr (fine-tune) or head lr (linear); null = protocol default
-    lr_head: float | None = None  # null = protocol default (linear: = lr)
-    weight_decay: float | None = None
-    momentum: float = 0.9  # SGD only
-    epochs: int = 100
-    warmup_epochs: float = 5.0
-    min_lr: float = 1e-6
-    batch_size: int = 256  # global
+    optimizer: str | None = one_of("adamw", "sgd", default=None)  # adamw | sgd; null = protocol default
+    lr: float | None = bounded(None, gt=0)  # trunk lr (fine-tune) or head lr (linear); null = protocol default
+    lr_head: float | None = bounded(None, gt=0)  # null = protocol default (linear: = lr)
+    weight_decay: float | None = bounded(None, ge=0)
+    momentum: float = bounded(0.9, ge=0, le=1)  # SGD only
+    epochs: int = bounded(100, ge=1)
+    warmup_epochs: float = bounded(5.0, ge=0)
+    min_lr: float = bounded(1e-6, ge=0)
+    batch_size: int = bounded(256, ge=1)  # global
     balanced_sampling: bool | None = None  # class-balanced, with replacement; null = the card's option (AffectNet)
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, ge=0, lt=1)
 
     def __post_init__(self) -> None:
-        if self.optimizer is not None:
-            _check_choice("optim.optimizer", self.optimizer, ("adamw", "sgd"))
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("optim.epochs and optim.batch_size must be >= 1")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ConfigError(f"optim.warmup_epochs must be in [0, {self.epochs}], got {self.warmup_epochs}")
 
 
-@dataclass(frozen=True)
+@config("scaling")
 class FERScaling:
-    num_workers: int = 1  # 0 = in this process (Ray Train local mode)
+    num_workers: int = bounded(1, ge=0)  # 0 = in this process (Ray Train local mode)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    amp: str = "auto"  # auto (fp16 on GPU, off on CPU) | off | fp16 | bf16
+    cpus_per_worker: float = bounded(1.0, gt=0)
+    amp: str = one_of("auto", "off", "fp16", "bf16")  # auto (fp16 on GPU, off on CPU) | off | fp16 | bf16
     sync_bn: bool = True  # fine-tune with > 1 GPU worker (the reference's SyncBN)
-    max_failures: int = 0
-
-    def __post_init__(self) -> None:
-        _check_choice("scaling.amp", self.amp, ("auto", "off", "fp16", "bf16"))
-        if self.num_workers < 0:
-            raise ConfigError(f"scaling.num_workers must be >= 0, got {self.num_workers}")
+    max_failures: int = bounded(0, ge=-1, why="-1 retries forever")
 
 
-@dataclass(frozen=True)
+@config("backbone")
 class FERBackbone:
-    source: str = "random"  # see fra.evaluation.backbones
+    source: str = location("random")  # see fra.evaluation.backbones
     arch: str = ""  # torchvision ResNet name; "" = from the checkpoint (resnet50 for random)
     # Unpickle an MLflow model that has no backbone.pt (not registered by fra): runs its writer's
     # code here, so only for a registry whose every writer you trust (--trust-pickle)
     trust_pickle: bool = False
 
 
-@dataclass(frozen=True)
+@config("tracking")
 class FERTracking:
     enabled: bool = True
-    mlflow_uri: str = ""  # "" = sqlite under run.storage_path
+    mlflow_uri: str = location("")  # "" = sqlite under run.storage_path
     experiment: str = "fra-fer"
 
 
-@dataclass(frozen=True)
+@config("run")
 class FERRun:
-    name: str = "fer"
-    storage_path: str = "runs"
-    seed: int = 0
-    eval_every: int = 1  # epochs (reference README: 5)
-    last_k: int = 5  # the headline mean covers this many last evaluations
-    checkpoint_every: int = 0  # epochs; Ray checkpoints for worker-failure retries
+    name: str = path_component("fer")
+    storage_path: str = location("runs", required=True)
+    seed: int = bounded(0, ge=0)
+    eval_every: int = bounded(1, ge=1)  # epochs (reference README: 5)
+    last_k: int = bounded(5, ge=1)  # the headline mean covers this many last evaluations
+    checkpoint_every: int = bounded(0, ge=0)  # epochs; Ray checkpoints for worker-failure retries
     save_model: bool = True
 
-    def __post_init__(self) -> None:
-        if self.eval_every < 1 or self.last_k < 1:
-            raise ConfigError("run.eval_every and run.last_k must be >= 1")
 
-
-@dataclass(frozen=True)
+@config()
 class FERConfig:
     """Everything ``fra evaluate fer`` needs (see the module docstring)."""
 
-    protocol: str = "finetune"  # finetune | linear
+    protocol: str = one_of("finetune", "linear")  # finetune | linear
     data: FERData = field(default_factory=FERData)
     optim: FEROptim = field(default_factory=FEROptim)
     scaling: FERScaling = field(default_factory=FERScaling)
     backbone: FERBackbone = field(default_factory=FERBackbone)
     tracking: FERTracking = field(default_factory=FERTracking)
     run: FERRun = field(default_factory=FERRun)
-
-    def __post_init__(self) -> None:
-        _check_choice("protocol", self.protocol, ("finetune", "linear"))
 
 
 @dataclass

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fra.config import PretrainConfig, _check_choice, apply_overrides, from_dict, load_yaml, to_dict
+from fra.config import (PretrainConfig, apply_overrides, bounded, config, from_dict, load_yaml, location, one_of,
+                        path_component, to_dict)
 from fra.errors import ConfigError
 from fra.tuning.space import Param, parse_space, set_paths
 
@@ -25,104 +26,83 @@ DEFAULT_SWEEP = Path(__file__).resolve().parents[2] / "tune_configs" / "demo_swe
 OBJECTIVE_METRICS = ("val_top1", "val_top1_best", "val_macro_f1")
 
 
-@dataclass(frozen=True)
+@config("scheduler")
 class SchedulerSettings:
     """Early stopping on per-epoch results (``name: none`` runs every trial to the end)."""
 
-    name: str = "asha"  # asha | none
+    name: str = one_of("asha", "none")  # asha | none
     metric: str = "proxy_top1"  # a per-epoch metric: proxy_top1 (max) or loss (min)
-    mode: str = "max"
+    mode: str = one_of("max", "min")
     time_attr: str = "epoch"  # completed pretraining epochs: survives restores, unlike training_iteration
-    grace_period: int = 1
-    max_t: int = 0  # 0 = the pretraining epochs
-    reduction_factor: float = 2.0
-
-    def __post_init__(self) -> None:
-        _check_choice("scheduler.name", self.name, ("asha", "none"))
-        _check_choice("scheduler.mode", self.mode, ("min", "max"))
-        if self.grace_period < 1 or self.max_t < 0 or not self.reduction_factor > 1:
-            raise ConfigError("scheduler: grace_period must be >= 1, max_t >= 0 and reduction_factor > 1")
+    grace_period: int = bounded(1, ge=1)
+    max_t: int = bounded(0, ge=0)  # 0 = the pretraining epochs
+    reduction_factor: float = bounded(2.0, gt=1)
 
 
-@dataclass(frozen=True)
+@config("objective")
 class ObjectiveSettings:
     """The chained FER objective and the cheap per-epoch proxy (both honest: no test labels)."""
 
-    protocol: str = "linear"  # linear | finetune (evaluate_fer protocol)
-    metric: str = "val_top1"  # val_top1 (last epoch) | val_top1_best | val_macro_f1
-    val_fraction: float = 0.2  # carved from the FER train split by path hash (unless fer.data.val_split)
-    proxy: str = "linear_probe"  # linear_probe (frozen features, each epoch) | none
-    proxy_max_rows: int = 512  # rows of the FER train split the proxy embeds
-
-    def __post_init__(self) -> None:
-        _check_choice("objective.protocol", self.protocol, ("linear", "finetune"))
-        _check_choice("objective.metric", self.metric, OBJECTIVE_METRICS)
-        _check_choice("objective.proxy", self.proxy, ("linear_probe", "none"))
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"objective.val_fraction must be in [0, 1), got {self.val_fraction}")
+    protocol: str = one_of("linear", "finetune")  # linear | finetune (evaluate_fer protocol)
+    metric: str = one_of(*OBJECTIVE_METRICS)  # val_top1 (last epoch) | val_top1_best | val_macro_f1
+    val_fraction: float = bounded(0.2, ge=0, lt=1)  # carved from FER train by path hash (unless fer.data.val_split)
+    proxy: str = one_of("linear_probe", "none")  # linear_probe (frozen features, each epoch) | none
+    proxy_max_rows: int = bounded(512, ge=1)  # rows of the FER train split the proxy embeds
 
 
-@dataclass(frozen=True)
+@config("resources")
 class TrialResources:
     """What one trial uses; pretraining and the FER evaluation run one after the other."""
 
-    cpus: float = 1.0  # the trial process (Tune function trainable)
-    workers: int = 1  # Ray Train workers of the pretraining (scaling.num_workers)
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0  # > 0 trains on GPUs
-    data_cpus: float = 1.0  # kept free for Ray Data (its file listing task takes a whole CPU)
-
-    def __post_init__(self) -> None:
-        if self.cpus < 0 or self.workers < 1 or self.cpus_per_worker < 0 or self.data_cpus < 0:
-            raise ConfigError("resources: cpus, cpus_per_worker, data_cpus must be >= 0 and workers >= 1")
+    cpus: float = bounded(1.0, ge=0)  # the trial process (Tune function trainable)
+    workers: int = bounded(1, ge=1)  # Ray Train workers of the pretraining (scaling.num_workers)
+    cpus_per_worker: float = bounded(1.0, gt=0)
+    gpus_per_worker: float = bounded(0.0, ge=0)  # > 0 trains on GPUs
+    data_cpus: float = bounded(1.0, ge=0)  # kept free for Ray Data (its file listing task takes a whole CPU)
 
 
-@dataclass(frozen=True)
+@config("synthetic_fer")
 class SyntheticFER:
     """Render a synthetic FER shard set when ``fer.data.shards`` is empty (demo, CI)."""
 
     enabled: bool = False
-    num_identities: int = 24
-    images_per_identity: int = 8
-    size: int = 48
-    seed: int = 1  # not the pretraining seed: other faces than the pretraining images
+    num_identities: int = bounded(24, ge=1)
+    images_per_identity: int = bounded(8, ge=1)
+    size: int = bounded(48, ge=16)
+    seed: int = bounded(1, ge=0)  # not the pretraining seed: other faces than the pretraining images
 
 
-@dataclass(frozen=True)
+@config("run")
 class SweepRun:
-    name: str = "fra-sweep"
-    storage_path: str = "runs/sweeps"
+    name: str = path_component("fra-sweep")
+    storage_path: str = location("runs/sweeps", required=True)
     ray_address: str = ""  # "" = join a running local Ray or start one
-    num_cpus: int = 0  # logical CPUs of a Ray started here (0 = Ray's default)
+    num_cpus: int = bounded(0, ge=0)  # logical CPUs of a Ray started here (0 = Ray's default)
 
 
-@dataclass(frozen=True)
+@config("tracking")
 class SweepTracking:
     enabled: bool = True
-    mlflow_uri: str = ""  # "" = sqlite under run.storage_path
+    mlflow_uri: str = location("")  # "" = sqlite under run.storage_path
     experiment: str = "fra-tune"
 
 
-@dataclass(frozen=True)
+@config()
 class SweepConfig:
     """Everything ``fra tune`` needs (see the module docstring)."""
 
     pretrain: dict = field(default_factory=dict)  # PretrainConfig mapping (a path in YAML is inlined)
     fer: dict = field(default_factory=dict)  # FERConfig mapping (a path in YAML is inlined)
     space: dict = field(default_factory=dict)
-    num_samples: int = 4
-    max_concurrent_trials: int = 1
-    seed: int = 0  # sampling seed of the search
+    num_samples: int = bounded(4, ge=1)
+    max_concurrent_trials: int = bounded(1, ge=1)
+    seed: int = bounded(0, ge=0)  # sampling seed of the search
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     resources: TrialResources = field(default_factory=TrialResources)
     synthetic_fer: SyntheticFER = field(default_factory=SyntheticFER)
     run: SweepRun = field(default_factory=SweepRun)
     tracking: SweepTracking = field(default_factory=SweepTracking)
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.max_concurrent_trials < 1:
-            raise ConfigError("num_samples and max_concurrent_trials must be >= 1")
 
 
 @dataclass(frozen=True)
