@@ -242,8 +242,10 @@ def test_finetune_from_pretrained_fra_reaches_high_accuracy(tiny_fra_backbone, a
     test = LocalFERLoader(aligned_faces["test"][0], 64, 48, train=False, labels=aligned_faces["test"][1])
     spec = LoopSpec(protocol="finetune", arch="resnet18", num_classes=7, optimizer="adamw", lr=2e-3, lr_head=2e-3,
                     weight_decay=0.05, momentum=0.9, epochs=6, warmup_epochs=0.5, min_lr=1e-6, batch_size=16,
-                    iters_per_epoch=len(train), eval_every=3)
+                    iters_per_epoch=len(train), eval_every=3, last_k=2)
     model = build_classifier("resnet18", 7, resolve_backbone(str(tiny_fra_backbone)).state_dict)
     out = fit(model, spec, lambda e: (train.set_epoch(e), train)[1], lambda e: test)
     assert not out["backbone_unchanged"]
+    # every 3rd epoch (the reference's --eval-freq) and each of the last 2 (the headline's)
+    assert [h["epoch"] for h in out["history"] if "test_confusion" in h] == [3, 5, 6]
     assert top1(out["history"][-1]["test_confusion"]) >= 60.0, out["history"]  # chance is 14.3 %

@@ -58,6 +58,30 @@ def test_summary_headline_best_and_validation():
     assert short["last_k"] == 2 and short["top1_mean_last_k"] == pytest.approx(60.0)
 
 
+def test_reference_schedule_every_5_epochs_keeps_the_last_5_epochs_headline():
+    """The reference's README evaluates every 5 epochs (--eval-freq 5): its best-on-test number is
+    the best of 20 over 100 epochs. The headline stays the mean of the last 5 *epochs* (96-100),
+    not of the last 5 evaluations (80-100, a fifth of the cosine schedule)."""
+    schedule = [e for e in range(1, 101) if M.is_evaluated_epoch(e, 100, eval_every=5, last_k=5)]
+    assert schedule == list(range(5, 100, 5)) + [96, 97, 98, 99, 100]
+    assert [e for e in range(1, 11) if M.is_evaluated_epoch(e, 10)] == list(range(1, 11))  # defaults: every epoch
+    assert [e for e in range(1, 8) if M.is_evaluated_epoch(e, 7, eval_every=5)] == [5, 7]  # the last one always
+
+    def conf(correct, n=100):
+        return [[correct, n - correct], [0, 0]]
+
+    acc = {e: 40 + e // 4 for e in schedule}  # rising slowly: 41 at epoch 5 ... 65 at epoch 100
+    acc[97] = 90  # an off-schedule peak: in the headline, not a candidate for "best"
+    acc[60] = 70  # the best of the reference's 20 evaluations
+    hist = [{"epoch": e, "test_confusion": conf(acc[e]), "val_confusion": conf(100 - abs(e - 50))} for e in schedule]
+    s = M.summarise(hist, ["x", "y"], last_k=5, eval_every=5)
+    assert s["top1_last"] == 65.0 and s["last_k"] == 5
+    assert s["top1_mean_last_k"] == pytest.approx((64 + 90 + 64 + 64 + 65) / 5)  # epochs 96-100
+    assert (s["top1_best"], s["best_epoch"], s["best_candidates"]) == (70.0, 60, 20)
+    assert (s["val_best_epoch"], s["top1_at_val_best"]) == (50, 52.0)  # picked among the same 20
+    assert len(s["top1_curve"]) == 24
+
+
 def test_confusion_png(tmp_path):
     path = M.plot_confusion(np.array([[5, 1], [2, 7]]), ["Surprise", "Fear"], tmp_path / "c.png")
     assert path.read_bytes()[:4] == b"\x89PNG"

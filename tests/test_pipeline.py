@@ -47,6 +47,7 @@ def test_rafdb_pipeline_is_the_reference_protocol_from_the_official_layout():
     for key in ("protocol", "optim", "scaling", "backbone"):
         assert fer[key] == recipe[key], key
     assert (fer["run"]["eval_every"], fer["run"]["last_k"]) == (recipe["run"]["eval_every"], recipe["run"]["last_k"])
+    assert (recipe["run"]["eval_every"], recipe["run"]["last_k"]) == (5, 5)  # README: --eval-freq 5; last 5 epochs
 
 
 @pytest.mark.parametrize("override, match", [

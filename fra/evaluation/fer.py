@@ -18,10 +18,12 @@ the shards through Ray Data; ``>= 1`` starts that many Ray Train workers (DDP; S
 AMP only with GPUs). Accuracies are in percent.
 
 Metrics (``results.json``, MLflow): the headline is the last-epoch top-1 and the mean over the
-last ``run.last_k`` evaluations, with mean per-class accuracy and macro-F1 of the last epoch;
-``best_epoch_selected_on_test`` is the reference's number (max over epochs of test top-1),
-labelled as such; with ``data.val_fraction`` / ``data.val_split`` the epoch picked on
-validation and its test top-1 are added (``summary.top1_at_val_best``).
+last ``run.last_k`` epochs, with mean per-class accuracy and macro-F1 of the last epoch; epochs are
+evaluated every ``run.eval_every`` and each of the last ``run.last_k``;
+``best_epoch_selected_on_test`` is the reference's number (max of test top-1 over the epochs
+that are multiples of ``run.eval_every``, its ``--eval-freq``), labelled as such; with
+``data.val_fraction`` / ``data.val_split`` the epoch picked on validation (among the same epochs)
+and its test top-1 are added (``summary.top1_at_val_best``).
 """
 from __future__ import annotations
 
@@ -110,8 +112,8 @@ class FERRun:
     name: str = path_component("fer")
     storage_path: str = location("runs", required=True)
     seed: int = bounded(0, ge=0)
-    eval_every: int = bounded(1, ge=1)  # epochs (reference README: 5)
-    last_k: int = bounded(5, ge=1)  # the headline mean covers this many last evaluations
+    eval_every: int = bounded(1, ge=1)  # epochs (reference default 1, its README 5); the last last_k are evaluated too
+    last_k: int = bounded(5, ge=1)  # the headline mean covers the last last_k epochs
     checkpoint_every: int = bounded(0, ge=0)  # epochs; Ray checkpoints for worker-failure retries
     save_model: bool = True
 
@@ -225,7 +227,7 @@ def evaluate_fer(cfg: FERConfig, backbone_source: Any = None, *, run_name: str |
                     iters_per_epoch=iters_per_epoch(sizes["train"], cfg.optim.batch_size, max(workers, 1)),
                     label_smoothing=cfg.optim.label_smoothing, amp=resolve_amp(cfg.scaling),
                     sync_bn=cfg.scaling.sync_bn and cfg.scaling.use_gpu, eval_every=cfg.run.eval_every,
-                    seed=cfg.run.seed, mean=tuple(mean), std=tuple(std),
+                    last_k=cfg.run.last_k, seed=cfg.run.seed, mean=tuple(mean), std=tuple(std),
                     checkpoint_every=cfg.run.checkpoint_every, has_val="val" in datasets)
     run_id = run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     storage = Path(cfg.run.storage_path).expanduser().resolve()

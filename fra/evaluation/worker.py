@@ -23,6 +23,7 @@ from fra import dist
 from fra.checkpoint import build_torchvision_resnet, load_backbone_into
 from fra.engine import Normalizer, autocast_context
 from fra.evaluation.backbones import state_dict_fingerprint
+from fra.evaluation.metrics import is_evaluated_epoch
 from fra.optim.schedules import warmup_cosine_lr
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class LoopSpec:
     amp: str = "off"
     sync_bn: bool = False
     eval_every: int = 1
+    last_k: int = 1  # the last last_k epochs are evaluated too (the headline mean)
     seed: int = 0
     mean: tuple[float, float, float] = (0.5231, 0.4044, 0.3489)
     std: tuple[float, float, float] = (0.2536, 0.2194, 0.2070)
@@ -173,7 +175,7 @@ def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterabl
             [stats["train_loss"] * stats["steps"], stats["steps"], stats["images"]], dtype=torch.float64))
         entry = {"epoch": epoch + 1, "train_loss": float(totals[0] / max(totals[1], 1)), "images": int(totals[2]),
                  "lr": optimizer.param_groups[0]["lr"], "train_images_per_s": stats["train_images_per_s"]}
-        if (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs:
+        if is_evaluated_epoch(epoch + 1, spec.epochs, spec.eval_every, spec.last_k):
             t0 = time.perf_counter()
             for split, make in (("test", test_batches), ("val", val_batches)):
                 if make is not None:
