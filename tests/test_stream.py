@@ -15,7 +15,7 @@ from fra.data.decode import decode_image, decode_mask, encode_jpeg
 from fra.data.shards import write_shards
 from fra.data.stream import BatchStream, fer_dataset, iter_batches, pretrain_dataset, row_key
 from tests.corrupt_shards import corrupt_images, faces, write_shard_set
-from tests.data_layouts import build_image_folder, build_rafdb
+from tests.data_layouts import build_affectnet, build_image_folder, build_rafdb, build_vggface2
 
 pytestmark = pytest.mark.ray
 
@@ -70,6 +70,42 @@ def test_fer_eval_stream_is_the_reference_eval_transform(ray_local, raf_shards):
     path = sorted(expected.good["test"])[0]
     want = FERTransform(24, train=False)(decode_image((Path(manifest.source_root) / path).read_bytes()))
     assert np.array_equal(seen[row_key(path)][1], want.transpose(2, 0, 1))
+
+
+def test_vggface2_views_are_made_from_the_loose_box_face_crop(ray_local, tmp_path):
+    """The reference pretrains on face crops ("VGG-Face2-crop"): the card crops each image to its
+    loose box (bb_landmark/loose_bb_train.csv) scaled by 1.3 about its centre, clipped to the image."""
+    build_vggface2(tmp_path / "src")
+    m = write_shards("vggface2", str(tmp_path / "src"), str(tmp_path / "out"), images_per_shard=8, parallel=False)
+    path = "train/n000002/0003_01.jpg"  # loose box X=7, Y=5, W=40, H=50 on a 64 x 64 image
+    crop = (1, 0, 53, 62)  # centre (27, 30), half-sizes 1.3 x (20, 25) = (26, 32.5): (1, -2.5, 53, 62.5)
+    src = decode_image((tmp_path / "src" / path).read_bytes())
+    key = row_key(path)
+    rows = _epoch(pretrain_dataset(m.uri, image_size=32, seed=3, with_keys=True), 0)
+    v1, v2 = TwoViewTransform(32)(src[crop[1]:crop[3], crop[0]:crop[2]], np.random.default_rng([3, 0, 1, key]))
+    assert np.array_equal(rows[key][1], v1.transpose(2, 0, 1)) and np.array_equal(rows[key][2], v2.transpose(2, 0, 1))
+    whole = _epoch(pretrain_dataset(m.uri, image_size=32, seed=3, with_keys=True, crop_to_box=False), 0)
+    w1, _ = TwoViewTransform(32)(src, np.random.default_rng([3, 0, 1, key]))
+    assert np.array_equal(whole[key][1], w1.transpose(2, 0, 1))
+
+
+def test_affectnet_is_read_uncropped_as_the_reference_cropping_is_an_option(ray_local, tmp_path):
+    build_affectnet(tmp_path / "src")
+    m = write_shards("affectnet7", str(tmp_path / "src"), str(tmp_path / "out"), images_per_shard=8, parallel=False)
+    path = "Manually_Annotated_Images/3/img0022.jpg"  # face box x 2, y 3, w 50, h 55 on a 64 x 64 image
+    src = decode_image((tmp_path / "src" / path).read_bytes())
+
+    def image(**kw):
+        ds = fer_dataset(m.uri, image_size=24, split="val", train=False, with_keys=True, **kw)
+        for b in iter_batches(ds, 4, drop_last=False, local_shuffle_buffer=0):
+            for i, k in enumerate(b["key"].tolist()):
+                if k == row_key(path):
+                    return b["image"][i].numpy()
+        raise AssertionError(f"{path} not streamed")
+
+    assert np.array_equal(image(), FERTransform(24, train=False)(src).transpose(2, 0, 1))  # the card's default
+    cropped = FERTransform(24, train=False)(np.ascontiguousarray(src[3:58, 2:52]))
+    assert np.array_equal(image(crop_to_box=True), cropped.transpose(2, 0, 1))
 
 
 def test_batch_stream_drops_placeholders_keeps_batch_size_and_counts():

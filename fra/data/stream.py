@@ -47,7 +47,7 @@ CORRUPT = "corrupt"  # bool column of every decoded batch: the row stands for a 
 def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", seed: int = 0, *,
                      augment: dict | None = None, batch_size: int = 64, num_cpus: float = 1.0,
                      shuffle_files: bool = True, with_params: bool = False, with_masks: bool = False,
-                     with_keys: bool = False, multicrop: dict | None = None):
+                     with_keys: bool = False, multicrop: dict | None = None, crop_to_box: bool | None = None):
     """Two-view pretraining stream (FRA_SPEC §8), or SwAV's multi-crop stream (FRL_SPEC §1.3).
 
     Args:
@@ -68,6 +68,9 @@ def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", s
         multicrop: :class:`fra.data.multicrop.MultiCropTransform` arguments (``size_crops``,
             ``nmb_crops``, ``min_scale``, ``max_scale``, ...): SwAV crops instead of FRA's two
             views; ``image_size``, ``augment``, ``with_params`` and ``with_masks`` do not apply.
+        crop_to_box: make the views from the stored face box (scaled by the card's ``box_scale``
+            about its centre, clipped to the image) instead of the whole image; rows without a
+            box use the whole image. Default: the dataset card's ``crop_to_box`` (VGGFace2: on).
 
     Returns:
         A lazy ``ray.data.Dataset`` of rows ``{"view1", "view2": uint8 (3, S, S), "label": int64,
@@ -76,19 +79,21 @@ def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", s
         ``cropN`` the others, in order (:func:`fra.engine.batch_views` reads them all).
     """
     manifest = read_manifest(shards)
+    box_scale = _box_scale(manifest.dataset, crop_to_box)
+    box_column = ["box"] if box_scale else []
     if multicrop is not None:
         if with_params or with_masks:
             raise ValueError("with_params / with_masks are not available with multicrop")
-        ds = _read(manifest, split, ["image", "label", "path"], seed if shuffle_files else None,
+        ds = _read(manifest, split, ["image", "label", "path"] + box_column, seed if shuffle_files else None,
                    shuffle_rows=shuffle_files)
         _multicrop_transform(tuple(sorted((k, _freeze(v)) for k, v in multicrop.items())))  # bad arguments: fail here
-        kwargs = {"seed": int(seed), "multicrop": dict(multicrop), "with_keys": with_keys}
+        kwargs = {"seed": int(seed), "multicrop": dict(multicrop), "with_keys": with_keys, "box_scale": box_scale}
         return ds.map_batches(_multicrop_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
                               fn_kwargs=kwargs)
-    columns = ["image", "label", "path"] + (["mask"] if with_masks else [])
+    columns = ["image", "label", "path"] + (["mask"] if with_masks else []) + box_column
     ds = _read(manifest, split, columns, seed if shuffle_files else None, shuffle_rows=shuffle_files)
     kwargs = {"image_size": int(image_size), "seed": int(seed), "augment": dict(augment or {}),
-              "with_params": with_params, "with_masks": with_masks, "with_keys": with_keys}
+              "with_params": with_params, "with_masks": with_masks, "with_keys": with_keys, "box_scale": box_scale}
     return ds.map_batches(_two_view_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
                           fn_kwargs=kwargs)
 
@@ -106,7 +111,9 @@ def fer_dataset(shards: str, image_size: int = 224, split: str = "train", train:
         seed: base seed.
         batch_size: rows per map_batches call.
         num_cpus: CPUs per task.
-        crop_to_box: crop to the stored face box first (default: the card's ``crop_to_box``).
+        crop_to_box: crop to the stored face box first (scaled by the card's ``box_scale``);
+            default: the card's ``crop_to_box`` (off for every shipped FER card: the reference
+            reads the images whole).
         shuffle_files: shuffle file order and rows within blocks per epoch (default: ``train``).
         augment: extra :class:`FERTransform` arguments.
         with_keys: also return ``key`` (int64, :func:`row_key` of the source path).
@@ -115,14 +122,13 @@ def fer_dataset(shards: str, image_size: int = 224, split: str = "train", train:
         A lazy ``ray.data.Dataset`` of rows ``{"image": uint8 (3, S, S), "label": int64, "corrupt": bool}``.
     """
     manifest = read_manifest(shards)
-    if crop_to_box is None:
-        crop_to_box = bool(_card_options(manifest.dataset).get("crop_to_box", False))
+    box_scale = _box_scale(manifest.dataset, crop_to_box)
     shuffle = train if shuffle_files is None else shuffle_files
-    columns = ["image", "label", "path"] + (["box"] if crop_to_box else [])
+    columns = ["image", "label", "path"] + (["box"] if box_scale else [])
     ds = _read(manifest, split, columns, seed if shuffle else None, shuffle_rows=shuffle)
     kwargs = {"image_size": int(image_size), "train": bool(train), "seed": int(seed),
               "mean": tuple(manifest.normalization.get("mean", (0.5231, 0.4044, 0.3489))),
-              "augment": dict(augment or {}), "crop_to_box": crop_to_box, "with_keys": with_keys}
+              "augment": dict(augment or {}), "box_scale": box_scale, "with_keys": with_keys}
     return ds.map_batches(_fer_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
                           fn_kwargs=kwargs)
 
@@ -260,6 +266,34 @@ def _card_options(name: str) -> dict:
         return {}
 
 
+def _box_scale(dataset: str, crop_to_box: bool | None) -> float:
+    """0.0 = use whole images; else crop to the stored box scaled by this factor (card options
+    ``crop_to_box`` and ``box_scale``; ``crop_to_box`` given here overrides the card's)."""
+    options = _card_options(dataset)
+    crop = bool(options.get("crop_to_box", False)) if crop_to_box is None else bool(crop_to_box)
+    return float(options.get("box_scale", 1.0)) if crop else 0.0
+
+
+def face_crop_box(box, width: int, height: int, scale: float = 1.0) -> tuple[int, int, int, int] | None:
+    """The integer crop (left, top, right, bottom) of ``box`` (x0, y0, x1, y1) scaled by ``scale``
+    about its centre and clipped to the ``width`` x ``height`` image; None if nothing is left."""
+    if box is None or len(box) != 4:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, scale * (x1 - x0) / 2, scale * (y1 - y0) / 2
+    left, top = max(0, int(round(cx - hw))), max(0, int(round(cy - hh)))
+    right, bottom = min(width, int(round(cx + hw))), min(height, int(round(cy + hh)))
+    return (left, top, right, bottom) if right > left and bottom > top else None
+
+
+def _crop(img, box, scale: float, mask=None):
+    """``img`` (and its ``mask``) cropped to the scaled face box, or unchanged without a box."""
+    crop = face_crop_box(box, img.width, img.height, scale) if scale else None
+    if crop is None:
+        return img, mask
+    return img.crop(crop), (None if mask is None else mask[crop[1]:crop[3], crop[0]:crop[2]])
+
+
 # ---- per-batch UDFs (run in Ray Data tasks) ---------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _two_view_transform(image_size: int, augment: tuple) -> TwoViewTransform:
@@ -312,7 +346,7 @@ def _decode(raw, path):
 
 
 def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, with_params: bool,
-                    with_masks: bool, with_keys: bool = False) -> dict:
+                    with_masks: bool, with_keys: bool = False, box_scale: float = 0.0) -> dict:
     from fra.data.decode import decode_mask
 
     transform = _two_view_transform(image_size, tuple(sorted(augment.items())))
@@ -325,16 +359,18 @@ def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, w
     masks_out = np.zeros((2, n, s, s), np.uint8) if with_masks else None
     keys = [row_key(path) for path in batch["path"]]
     masks = batch["mask"] if with_masks else [None] * n
-    for i, (raw, path, mask) in enumerate(zip(batch["image"], batch["path"], masks)):
+    face_boxes = batch["box"] if box_scale else [None] * n
+    for i, (raw, path, mask, face) in enumerate(zip(batch["image"], batch["path"], masks, face_boxes)):
         img = _decode(raw, path)
         if img is None:
             corrupt[i] = True
             views[:, i] = 0
             continue
-        pair = transform.sample(img.width, img.height, np.random.default_rng([seed, execution, 1, keys[i]]))
         m = None
         if with_masks:
             m = decode_mask(bytes(mask)) if mask is not None else np.zeros((img.height, img.width), np.uint8)
+        img, m = _crop(img, face, box_scale, m)
+        pair = transform.sample(img.width, img.height, np.random.default_rng([seed, execution, 1, keys[i]]))
         for v, p in enumerate(pair):
             views[v, i] = transform.render_array(img, p).transpose(2, 0, 1)
             boxes[v, i], flips[v, i] = _norm_box(p.box, img.size), p.flip
@@ -352,7 +388,8 @@ def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, w
     return out
 
 
-def _multicrop_batch(batch: dict, *, seed: int, multicrop: dict, with_keys: bool = False) -> dict:
+def _multicrop_batch(batch: dict, *, seed: int, multicrop: dict, with_keys: bool = False,
+                     box_scale: float = 0.0) -> dict:
     transform = _multicrop_transform(tuple(sorted((k, _freeze(v)) for k, v in multicrop.items())))
     execution = _execution_index()
     sizes = [size for size, _ in transform.crops]
@@ -360,13 +397,15 @@ def _multicrop_batch(batch: dict, *, seed: int, multicrop: dict, with_keys: bool
     outs = [np.empty((n, 3, s, s), np.uint8) for s in sizes]
     corrupt = np.zeros(n, bool)
     keys = [row_key(path) for path in batch["path"]]
-    for i, (raw, path) in enumerate(zip(batch["image"], batch["path"])):
+    face_boxes = batch["box"] if box_scale else [None] * n
+    for i, (raw, path, face) in enumerate(zip(batch["image"], batch["path"], face_boxes)):
         img = _decode(raw, path)
         if img is None:
             corrupt[i] = True
             for out in outs:
                 out[i] = 0
             continue
+        img, _ = _crop(img, face, box_scale)
         for out, crop in zip(outs, transform(img, np.random.default_rng([seed, execution, 1, keys[i]]))):
             out[i] = crop.transpose(2, 0, 1)
     cols = {"view1": outs[0], "view2": outs[1]}
@@ -379,21 +418,20 @@ def _multicrop_batch(batch: dict, *, seed: int, multicrop: dict, with_keys: bool
 
 
 def _fer_batch(batch: dict, *, image_size: int, train: bool, seed: int, mean: tuple, augment: dict,
-               crop_to_box: bool, with_keys: bool = False) -> dict:
+               box_scale: float = 0.0, with_keys: bool = False) -> dict:
     transform = _fer_transform(image_size, train, tuple(mean), tuple(sorted(augment.items())))
     execution = _execution_index()
     n = len(batch["image"])
     images, corrupt = [], np.zeros(n, bool)
     keys = [row_key(path) for path in batch["path"]]
-    boxes = batch["box"] if crop_to_box else [None] * n
+    boxes = batch["box"] if box_scale else [None] * n
     for i, (raw, path, box) in enumerate(zip(batch["image"], batch["path"], boxes)):
         img = _decode(raw, path)
         if img is None:
             corrupt[i] = True
             images.append(np.zeros((image_size, image_size, 3), np.uint8))
             continue
-        if box is not None and len(box) == 4:
-            img = img.crop(tuple(int(round(v)) for v in box))
+        img, _ = _crop(img, box, box_scale)
         rng = np.random.default_rng([seed, execution, 1, keys[i]]) if train else None
         images.append(transform(img, rng))
     out = {"image": _stack_chw(images, image_size), "label": np.asarray(batch["label"], dtype=np.int64),

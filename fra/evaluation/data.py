@@ -165,8 +165,8 @@ def _train_resampled(manifest: Manifest, rows: SplitIndex, image_size: int, spli
     except AttributeError as exc:  # pragma: no cover - guards against a refactor of fra.data.stream
         raise DataError("fra.data.stream no longer exposes _read/_fer_batch needed for "
                         "balanced sampling / validation carving") from exc
-    crop = bool(stream._card_options(manifest.dataset).get("crop_to_box", False))
-    ds = read(manifest, split, ["image", "label", "path"] + (["box"] if crop else []), seed)
+    box_scale = stream._box_scale(manifest.dataset, None)
+    ds = read(manifest, split, ["image", "label", "path"] + (["box"] if box_scale else []), seed)
     order = np.argsort(rows.keys)
     table = {"keys": rows.keys[order], "labels": rows.labels[order]}
     ds = ds.map_batches(_resample, batch_format="numpy", fn_kwargs={
@@ -174,7 +174,7 @@ def _train_resampled(manifest: Manifest, rows: SplitIndex, image_size: int, spli
         "balanced": balanced})
     kwargs = {"image_size": int(image_size), "train": True, "seed": int(seed),
               "mean": tuple(manifest.normalization.get("mean", (0.5231, 0.4044, 0.3489))),
-              "augment": augment, "crop_to_box": crop, "with_keys": False}
+              "augment": augment, "box_scale": box_scale, "with_keys": False}
     return ds.map_batches(fer_batch, batch_size=32, batch_format="numpy", num_cpus=num_cpus, fn_kwargs=kwargs)
 
 

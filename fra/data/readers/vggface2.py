@@ -4,7 +4,9 @@ Optional files used when present: ``meta/identity_meta.csv`` (identities not lis
 skipped as ``unknown_label``) and the loose boxes / 5 landmarks of
 ``bb_landmark/loose_bb_<split>.csv`` and ``bb_landmark/loose_landmark_<split>.csv`` (keyed by
 ``NAME_ID`` = ``<identity>/<image stem>``). The label is the identity's index among the split's
-identity folders, sorted (torchvision ImageFolder order, as the reference).
+identity folders, sorted (torchvision ImageFolder order, as the reference). The loose box is stored
+with each image; the card's ``crop_to_box`` / ``box_scale`` make the pretraining views from the face
+crop (:func:`fra.data.stream.pretrain_dataset`).
 """
 from __future__ import annotations
 
