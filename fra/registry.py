@@ -584,7 +584,11 @@ def list_models(tracking_uri: str | None = None) -> list[dict]:
     check_reachable(uri)
     mlc = client(uri)
     rows = []
+    from fra.registry_lock import is_lock
+
     for rm in call("search registered models", lambda: mlc.search_registered_models(max_results=1000)):
+        if is_lock(rm.name):  # a promotion in progress holds it (fra.registry_lock)
+            continue
         aliases = {k: int(v) for k, v in (rm.aliases or {}).items()}
         latest = max((int(v.version) for v in rm.latest_versions or []), default=None)
         rows.append({"name": rm.name, "latest_version": latest, "champion": aliases.get(CHAMPION),

@@ -13,9 +13,12 @@ VARCHAR(5000) column, so the history is paged: ``fra.promotion_history`` holds t
 full pages move to ``fra.promotion_history.0001``, ``.0002``, ... (count in
 ``fra.promotion_history.pages``). :func:`read_history` joins them.
 
-Read-modify-write of the history is not atomic: two promotions of the same model at the same
-moment can lose one history entry (the alias itself is always consistent). Promote from one
-place, e.g. the pipeline driver or a person at the CLI.
+**Compare-and-set.** Two pipelines finishing together must not both beat a stale champion. Each
+promotion (and rollback) reads the champion, decides, moves the alias and appends the history
+while holding the model's promotion lock (:mod:`fra.registry_lock`: an atomic create in the
+registry). Just before writing it checks that the lock is still its own and that the champion is
+still the one it judged against; if not (a stale lock was broken, or someone moved the alias by
+hand), it decides again from the new state, up to ``CONFLICT_RETRIES`` times.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from dataclasses import asdict, dataclass
 from fra.errors import FraError
 from fra.registry import (CHAMPION, DATASET_TAG, METRIC_TAG_PREFIX, PROTOCOL_TAG, READY, STATUS_TAG, ModelVersionInfo,
                           RegistryError, call, champion_version, check_reachable, client, get_version, resolve_uri)
+from fra.registry_lock import LockConflict, check_held, promotion_lock
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ HISTORY_TAG = "fra.promotion_history"
 HISTORY_PAGES_TAG = "fra.promotion_history.pages"
 PAGE_LIMIT = 5000
 DECISIONS_TAG = "fra.decisions"
+CONFLICT_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -92,19 +97,47 @@ def promote(name: str, version: int | str, *, gate_metric: str = "fer_top1_mean_
     uri = resolve_uri(tracking_uri)
     check_reachable(uri)
     mlc = client(uri)
-    cand = _version(mlc, name, version)
-    champ_v = champion_version(mlc, name)
-    champ = _version(mlc, name, champ_v) if champ_v is not None else None
-    cand_value = _metric(mlc, cand, gate_metric)
-    champ_value = _metric(mlc, champ, gate_metric) if champ else None
-    decision, reason = _judge(cand, champ, cand_value, champ_value, gate_metric, margin, mode)
-    entry = _entry(name, cand.version, champ_v, gate_metric, cand_value, champ_value, margin, mode, decision, reason)
-    if decision == "promoted":
-        _move_alias_and_record(mlc, name, entry, restore=champ_v)
-    else:
-        _record(mlc, name, entry)
+
+    def decide(token: str) -> PromotionDecision:
+        cand = _version(mlc, name, version)
+        champ_v = champion_version(mlc, name)
+        champ = _version(mlc, name, champ_v) if champ_v is not None else None
+        cand_value = _metric(mlc, cand, gate_metric)
+        champ_value = _metric(mlc, champ, gate_metric) if champ else None
+        decision, reason = _judge(cand, champ, cand_value, champ_value, gate_metric, margin, mode)
+        entry = _entry(name, cand.version, champ_v, gate_metric, cand_value, champ_value, margin, mode, decision,
+                       reason)
+        _check_unchanged(mlc, name, token, champ_v)
+        if decision == "promoted":
+            _move_alias_and_record(mlc, name, entry, restore=champ_v)
+        else:
+            _record(mlc, name, entry)
+        return entry
+
+    entry = _locked(mlc, name, decide)
     log.info("%s", entry)
     return entry
+
+
+def _locked(mlc, name: str, decide) -> PromotionDecision:
+    """Run ``decide(token)`` under the promotion lock; decide again after a conflict."""
+    for attempt in range(1, CONFLICT_RETRIES + 1):
+        try:
+            with promotion_lock(mlc, name, _who()) as token:
+                return decide(token)
+        except LockConflict as exc:
+            if attempt == CONFLICT_RETRIES:
+                raise
+            log.warning("%s; deciding again (%d/%d)", exc, attempt, CONFLICT_RETRIES - 1)
+    raise AssertionError("unreachable")
+
+
+def _check_unchanged(mlc, name: str, token: str, champion: int | None) -> None:
+    """The version check before any write: the lock is still ours and the champion is the one judged."""
+    check_held(mlc, name, token)
+    now = champion_version(mlc, name)
+    if now != champion:
+        raise LockConflict(f"{name}: the champion moved from v{champion} to v{now} while deciding")
 
 
 def _judge(cand: ModelVersionInfo, champ: ModelVersionInfo | None, cand_value: float | None,
@@ -139,6 +172,12 @@ def rollback(name: str, *, tracking_uri: str | None = None) -> PromotionDecision
     uri = resolve_uri(tracking_uri)
     check_reachable(uri)
     mlc = client(uri)
+    entry = _locked(mlc, name, lambda token: _rollback(mlc, name, token))
+    log.info("%s", entry)
+    return entry
+
+
+def _rollback(mlc, name: str, token: str) -> PromotionDecision:
     current = champion_version(mlc, name)
     if current is None:
         raise RegistryError(f"{name} has no champion to roll back")
@@ -157,8 +196,8 @@ def rollback(name: str, *, tracking_uri: str | None = None) -> PromotionDecision
                    _metric(mlc, _version(mlc, name, current), metric) if metric else None, 0.0,
                    made[-1].get("mode", "max"), "rolled_back",
                    f"rollback: v{target} restored, replacing v{current} (which had replaced it)")
+    _check_unchanged(mlc, name, token, current)
     _move_alias_and_record(mlc, name, entry, restore=current)
-    log.info("%s", entry)
     return entry
 
 
