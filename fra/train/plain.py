@@ -20,6 +20,7 @@ from fra.engine import Normalizer, Schedule, TrainState, train_one_epoch
 from fra.errors import ConfigError
 from fra.losses import build_loss
 from fra.models import build_model
+from fra.nonfinite import FiniteCheck
 from fra.optim import build_optimizer
 from fra.train.checkpointing import CHECKPOINT_FILE, export_backbone, load_checkpoint, restore, save_checkpoint
 
@@ -108,6 +109,7 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
     mean, std = view_normalization(cfg)
     normalizer = Normalizer(mean, std)
     on_log = (lambda m: _progress(m, total)) if progress else None
+    finite = FiniteCheck(cfg.run.finite_check_every)  # also checks at each epoch's end, before the save below
     t0 = time.perf_counter()
     while state.step < total:
         loader.set_epoch(state.epoch)
@@ -115,7 +117,7 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
         start_in_epoch = state.step - state.epoch * iters
         batches = (b for i, b in enumerate(loader) if i >= start_in_epoch)
         stats = train_one_epoch(model, loss_fn, optimizer, batches, schedule, state, normalizer,
-                                log_every=cfg.run.log_every or 1, max_steps=total, on_log=on_log)
+                                log_every=cfg.run.log_every or 1, max_steps=total, finite=finite, on_log=on_log)
         state.end_epoch(iters)
         state.history.append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
         save_checkpoint(ckpt_path, model, optimizer, state, cfg)
