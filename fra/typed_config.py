@@ -150,14 +150,14 @@ def check_fields(obj: Any, section: str = "") -> None:
 
 def check_value(f: dataclasses.Field, tp: Any, value: Any, key: str) -> Any:
     """One field's value, coerced to its annotation and checked against its rule."""
-    rule = rule_of(f)
+    rule, given = rule_of(f), value
     if rule is not None and rule.choices and isinstance(value, bool):
         value = _yaml11_word(value, rule.choices, key)
     if rule is not None and rule.path and isinstance(value, Path):
         value = str(value)
     value = _coerce(tp, value, key)
     if rule is not None and value is not None:
-        _check_rule(rule, value, key)
+        _check_rule(rule, value, key, given)
     return value
 
 
@@ -170,7 +170,7 @@ def _yaml11_word(value: bool, choices: tuple, key: str) -> str:
                       f"{words} as a boolean; quote the word, e.g. {key.rsplit('.', 1)[-1]}: '{choices[0]}'")
 
 
-def _check_rule(rule: Rule, value: Any, key: str) -> None:
+def _check_rule(rule: Rule, value: Any, key: str, given: Any) -> None:
     why = f" ({rule.why})" if rule.why else ""
     if rule.choices and value not in rule.choices:
         raise ConfigError(f"{key} must be one of {list(rule.choices)}, got {value!r}{why}")
@@ -187,7 +187,7 @@ def _check_rule(rule: Rule, value: Any, key: str) -> None:
             continue
         if math.isnan(n) or not ((rule.ge is None or n >= rule.ge) and (rule.gt is None or n > rule.gt)
                                  and (rule.le is None or n <= rule.le) and (rule.lt is None or n < rule.lt)):
-            raise ConfigError(f"{key} must be {rule.describe()}, got {value!r}{why}")
+            raise ConfigError(f"{key} must be {rule.describe()}, got {given!r}{why}")
 
 
 def check_path_component(key: str, value: str, why: str = "") -> str:
