@@ -31,6 +31,7 @@ from typing import Any, Callable
 from fra.config import (PretrainConfig, apply_overrides, bounded, config, from_dict, load_yaml, location, one_of,
                         path_component, to_dict)
 from fra.typed_config import REQUIRED
+from fra import storage as st
 from fra.errors import ConfigError
 from fra.pipeline import PipelineTracking, RayRuntime, ShardJob, _substitute, _with_defaults
 from fra.utils.io import atomic_write_json, atomic_write_text
@@ -168,7 +169,7 @@ def run_cell(cfg: BenchmarkConfig, m: BenchmarkMethod, seed: int) -> dict:
         from fra.train.ray_trainer import pretrain_ray
 
         res = pretrain_ray(pre)
-        backbone = str(Path(res.backbone).parent)
+        backbone = st.dirname(res.backbone)
         losses = [h["loss"] for h in res.return_value.get("history", []) if "loss" in h]
         out.update(backbone=backbone, pretrain_steps=res.return_value.get("step"),
                    pretrain_loss_first=losses[0] if losses else None, pretrain_loss_last=losses[-1] if losses else None)

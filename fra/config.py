@@ -209,6 +209,9 @@ class RunSettings:
     # steps between non-finite loss checks; 0 = at log steps (checkpoints always check)
     finite_check_every: int = bounded(0, ge=0)
     checkpoint_every: int = bounded(0, ge=0)  # steps; 0 = at epoch end only
+    checkpoint_every_minutes: float = bounded(0.0, ge=0)  # wall clock, checked at log steps; 0 = off
+    # async: training goes on while Ray uploads (local copy deleted after) | sync
+    checkpoint_upload: str = one_of("async", "sync")
     keep_checkpoints: int = bounded(2, ge=1, why="the newest checkpoint is what a resume needs")
     max_steps: int = bounded(0, ge=0)  # 0 = the full schedule; >0 truncates (smoke tests)
     heatmaps_every_epoch: bool = True

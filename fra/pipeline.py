@@ -6,25 +6,28 @@ outputs, so a re-run skips completed stages, an interrupted run resumes at the s
 did not finish (and inside it: Ray Train resumes from the last checkpoint), and changing a
 stage's configuration re-runs it and everything after it.
 
-Strings may use ``${storage}`` (the pipeline's absolute storage path), ``${name}`` and the
-entries of the ``vars:`` mapping (``${rafdb_root}``; override with ``--set vars.rafdb_root=...``).
+Strings may use ``${storage}`` (the pipeline's absolute storage path or URI), ``${name}`` and
+the entries of the ``vars:`` mapping (``${rafdb_root}``; override with ``--set vars.rafdb_root=...``).
+
+``storage_path`` may be a local path or a URI (``s3://bucket/fra/runs/demo``): on a cluster it
+must be shared storage, since the job's working directory is temporary and every node has its
+own disk. The state file, stage outputs and the hand-over between stages are all locations in it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable
 
+from fra import storage as st
 from fra.config import (PretrainConfig, apply_overrides, bounded, config, from_dict, load_yaml, location, one_of,
                         path_component, to_dict)
 from fra.errors import ConfigError
-from fra.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +61,15 @@ class PromoteStage:
 
 @config("ray")
 class RayRuntime:
-    address: str = ""  # "" = start a local Ray; "auto" = join the cluster this runs on
-    num_cpus: int = bounded(0, ge=0)  # logical CPUs of a local Ray (0 = max(4, cores): the data path needs spare CPUs)
+    address: str = ""  # "" = join the cluster this runs on if any (a job, RAY_ADDRESS, `ray start`), else start one
+    # logical CPUs of a Ray that fra starts (0 = max(4, cores): the data path needs spare CPUs)
+    num_cpus: int = bounded(0, ge=0)
     dashboard: bool = False
 
 
 @config("tracking")
 class PipelineTracking:
-    mlflow_uri: str = location("")  # "" = sqlite:///<storage>/mlflow.db
+    mlflow_uri: str = location("")  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db
 
 
 @config()
@@ -112,10 +116,7 @@ def load_pipeline(path: str | Path, overrides=()) -> PipelineConfig:
     """Read, override, substitute and validate a pipeline file (every stage config included)."""
     raw = apply_overrides(load_yaml(path), list(overrides))
     name = str(raw.get("name", Path(path).stem))
-    if "://" in str(raw.get("storage_path", "")):
-        raise ConfigError("pipeline storage_path must be a filesystem path (local or a shared mount): it holds "
-                          "pipeline_state.json; stage outputs (pretrain.run.storage_path, shards out) may be s3:// URIs")
-    storage = str(Path(raw.get("storage_path", f"runs/{name}")).expanduser().resolve())
+    storage = st.absolute(raw.get("storage_path", f"runs/{name}"))
     variables = raw.get("vars") or {}
     if not isinstance(variables, dict):
         raise ConfigError(f"{path}: 'vars' must be a mapping of names to values")
@@ -148,7 +149,9 @@ def _check_registered_source(cfg: PipelineConfig) -> None:
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
-    return cfg.tracking.mlflow_uri or f"sqlite:///{Path(cfg.storage_path) / 'mlflow.db'}"
+    from fra.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.storage_path)
 
 
 def _with_defaults(section: dict, defaults: dict) -> dict:
@@ -190,11 +193,11 @@ def config_hash(obj: Any) -> str:
 
 
 class PipelineState:
-    """``pipeline_state.json``: per stage its status, config hash and outputs."""
+    """``pipeline_state.json`` (local or on object storage): per stage its status, config hash and outputs."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.data = st.read_json(self.path) if st.exists(self.path) else {"stages": {}}
 
     def done(self, stage: str, digest: str) -> dict | None:
         entry = self.data["stages"].get(stage)
@@ -205,36 +208,38 @@ class PipelineState:
     def record(self, stage: str, digest: str, outputs: dict, seconds: float) -> None:
         self.data["stages"][stage] = {"status": "done", "config_hash": digest, "outputs": outputs,
                                       "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_json(self.path, self.data)
+        st.write_json(self.path, self.data)
 
     def invalidate_from(self, stage: str) -> None:
         for s in STAGES[STAGES.index(stage):]:
             self.data["stages"].pop(s, None)
-        atomic_write_json(self.path, self.data)
+        st.write_json(self.path, self.data)
+
+    def note_code(self, origin: dict) -> None:
+        """Record which fra code ran (not part of any stage's identity: a re-submission of the
+        same pipeline from a changed working directory still skips finished stages)."""
+        self.data["code"] = {**origin, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        st.write_json(self.path, self.data)
 
 
 def _ensure_ray(cfg: PipelineConfig) -> None:
-    import ray
+    from fra.ray_runtime import check_shared_location, check_tracking_uri, init_ray
 
-    os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(8 << 20))
-    if ray.is_initialized():
-        return
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address)
-    else:
-        # A sweep's early stopping needs the State API, which the dashboard serves (check_state_api).
-        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
-                 include_dashboard=cfg.ray.dashboard or "sweep" in cfg.stages)
+    # A sweep's early stopping needs the State API, which the dashboard serves (check_state_api).
+    init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard or "sweep" in cfg.stages)
+    check_shared_location("storage_path", cfg.storage_path)
+    check_tracking_uri(tracking_uri(cfg))
 
 
 def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict:
     """Run (or resume) every stage; returns the outputs per stage."""
     from fra.pipeline_stages import STAGE_RUNNERS
+    from fra.ray_runtime import code_origin
 
-    storage = Path(cfg.storage_path)
-    storage.mkdir(parents=True, exist_ok=True)
-    state = PipelineState(storage / "pipeline_state.json")
+    storage = cfg.storage_path
     _ensure_ray(cfg)
+    state = PipelineState(st.join(storage, "pipeline_state.json"))
+    state.note_code(code_origin())
     outputs: dict[str, dict] = {}
     for stage in cfg.stages:
         stage_cfg = stage_config(cfg, stage)

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from fra import storage as st
 from fra.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def run_pretrain(cfg, pre, outputs: dict) -> dict:
 
     res = pretrain_ray(pre)
     return {"run_dir": res.run_dir, "checkpoint": res.checkpoint, "backbone": res.backbone,
-            "export_dir": str(Path(res.backbone).parent), "model_card": res.model_card,
+            "export_dir": st.dirname(res.backbone), "model_card": res.model_card,
             "mlflow_run_id": res.mlflow_run_id, "manifest_fingerprint": res.manifest_fingerprint}
 
 

@@ -95,16 +95,9 @@ class ModelVersionInfo:
 # --------------------------------------------------------------------------------------
 def resolve_uri(uri: str | None = None) -> str:
     """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs>/runs/mlflow.db``."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    try:
-        from fra.tracking import resolve_tracking_uri
-    except ImportError:  # the training-side tracking module is optional for the registry
-        if uri:
-            return uri
-        root = Path("runs").resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{root}/mlflow.db"
-    return resolve_tracking_uri(uri, "runs")
+    from fra.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(uri or "", "runs")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -238,8 +231,11 @@ class _Export:
 
 
 def _read_export(source: str | Path, workdir: Path) -> _Export:
-    """An export dir / ``backbone.pt`` (+ ``model_card.json``) or a full training checkpoint."""
-    path = Path(source).expanduser()
+    """An export dir / ``backbone.pt`` (+ ``model_card.json``) or a full training checkpoint,
+    local or at a URI (fetched into the local cache)."""
+    from fra import storage as st
+
+    path = st.local_copy(source, siblings=("model_card.json",))
     if path.is_dir():
         found = next((path / c for c in EXPORT_CANDIDATES if (path / c).is_file()), None)
         if found is None:
@@ -299,7 +295,9 @@ def fer_metrics_from_results(path: str | Path) -> tuple[dict[str, float], str, s
     is never compared with a fine-tune, or with another split.
     """
     try:
-        res = json.loads(Path(path).read_text())
+        from fra import storage as st
+
+        res = st.read_json(path)
     except (OSError, ValueError) as exc:
         raise FraError(f"cannot read FER results {path}: {exc}") from exc
     metrics = {f"fer_{k}": float(v) for k, v in (res.get("headline") or {}).items() if isinstance(v, (int, float))}

@@ -9,6 +9,7 @@ tracking outage is logged and never kills a training run.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -19,14 +20,23 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "fra.run_key"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
 def resolve_tracking_uri(uri: str, storage_path: str | Path) -> str:
-    """An explicit URI as is; otherwise a local sqlite file ``<abs storage_path>/mlflow.db``."""
+    """The MLflow tracking URI to use.
+
+    An explicit URI as is; else ``MLFLOW_TRACKING_URI`` (cluster.yaml exports the head's server
+    there); else a local sqlite file ``<abs storage_path>/mlflow.db`` (``./runs/mlflow.db`` when the
+    storage is a URI). A file-based store on a multi-node cluster is refused later, once Ray is up
+    (:func:`fra.ray_runtime.check_tracking_uri`).
+    """
     if uri:
         return uri
-    root = Path(storage_path).expanduser().resolve()
+    if os.environ.get(TRACKING_URI_ENV):
+        return os.environ[TRACKING_URI_ENV]
+    root = Path("runs" if "://" in str(storage_path) else storage_path).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root}/mlflow.db"
 

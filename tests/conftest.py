@@ -34,3 +34,56 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+# ---- S3: a local S3-compatible server (moto), reached like AWS or MinIO --------------------------
+# The endpoint and credentials are the standard AWS environment variables, set here at import so
+# that every process this session starts (a local Ray's raylet and workers, an MLflow server)
+# inherits them; no key is ever written into a URI. The server itself starts on first use.
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# setdefault: test modules import this file again as ``tests.conftest``; both copies must agree.
+S3_PORT = int(os.environ.setdefault("FRA_TEST_S3_PORT", str(_free_port())))
+S3_BUCKET = "fra-test"
+S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+          "AWS_ACCESS_KEY_ID": "fra-test-key", "AWS_SECRET_ACCESS_KEY": "fra-test-secret",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+os.environ.update(S3_ENV)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on ``S3_ENV``'s endpoint with the bucket ``fra-test``; yields ``uri(path)``."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("moto")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{S3_PORT}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("moto S3 server did not start")
+                time.sleep(0.2)
+        if proc.poll() is not None:
+            pytest.fail(f"moto S3 server exited (port {S3_PORT} taken?)")
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield lambda path="": f"s3://{S3_BUCKET}/{path}".rstrip("/")
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -136,8 +136,8 @@ def test_checkpoint_copies_cut_short_by_a_lost_node_are_set_aside(tmp_path, capl
     (run / SNAPSHOT_FILE).write_text(json.dumps(snap))
     with caplog.at_level("WARNING"):
         moved = set_aside_unregistered_checkpoints(run)
-    assert moved == [run / UNREGISTERED_DIR / "checkpoint_b"]
-    assert (moved[0] / "checkpoint.pt").read_bytes() == b"cut"  # kept, not deleted
+    assert moved == [str(run / UNREGISTERED_DIR / "checkpoint_b")]
+    assert (Path(moved[0]) / "checkpoint.pt").read_bytes() == b"cut"  # kept, not deleted
     assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_a", "checkpoint_c"]
     assert "never registered" in caplog.text and "checkpoint_b" in caplog.text
     assert set_aside_unregistered_checkpoints(run) == []  # idempotent

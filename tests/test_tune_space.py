@@ -186,13 +186,13 @@ def test_table_plot_and_best(tmp_path):
     ]
     assert report.best_row(rows)["trial_id"] == "c"
     table = report.write_table(rows, params, tmp_path / "results.csv")
-    got = list(csv.DictReader(table.open()))
+    got = list(csv.DictReader(Path(table).open()))
     assert [r["trial_id"] for r in got] == ["a", "b", "c"] and got[1]["objective"] == ""
     assert "num_proto" in got[0] and "teacher_temp" in got[0]
     text = report.format_table(rows, params)
     assert "stopped_early" in text and "55.5" in text
     png = report.plot_objective(rows, params, tmp_path / "objective.png")
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert Path(png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_check_and_clear_errors(tmp_path, capsys):

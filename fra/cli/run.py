@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +62,7 @@ def heatmap_location(uri: str, run_id: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fra import storage as st
     from fra.benchmark import is_benchmark_file
     from fra.pipeline import load_pipeline, run_pipeline
 
@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"pipeline {cfg.name} is valid: stages {cfg.stages}")
         return 0
     if args.restart:
-        (Path(cfg.storage_path) / "pipeline_state.json").unlink(missing_ok=True)
+        st.delete(st.join(cfg.storage_path, "pipeline_state.json"))
     outputs = run_pipeline(cfg)
     print(summary(cfg, outputs))
-    Path(cfg.storage_path, "summary.json").write_text(json.dumps(outputs, indent=2, default=str))
+    st.write_json(st.join(cfg.storage_path, "summary.json"), outputs)
     return 0

@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
     if len(args.paths) > 2:
         raise ConfigError(f"expected [ROOT] OUT, got {len(args.paths)} paths")
     root, out = (args.paths[0], args.paths[1]) if len(args.paths) == 2 else ("", args.paths[0])
-    if not args.local and args.address:
-        import ray
+    if not args.local:
+        from fra.ray_runtime import init_ray
 
-        ray.init(address=args.address)
+        init_ray(address=args.address or "")
     manifest = write_shards(
         args.source, root, out, split=args.split, images_per_shard=args.images_per_shard,
         row_group_size=args.row_group_size, resume=not args.no_resume, verify=args.verify,

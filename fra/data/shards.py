@@ -27,6 +27,7 @@ from fra.data.decode import CorruptImageError, image_info
 from fra.data.manifest import SCHEMA_VERSION, Manifest, ShardInfo, read_manifest, write_manifest
 from fra.data.readers import Reader, Record, Skip, get_reader, reader_classes
 from fra.data.readers.base import join, put_atomic, read_bytes, redact, resolve
+from fra.storage import relative
 from fra.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -249,7 +250,9 @@ def _run(reader, todo, out, row_group_size, parallel, num_cpus, max_in_flight):
     import ray
 
     if not ray.is_initialized():
-        ray.init()
+        from fra.ray_runtime import init_ray
+
+        init_ray()
     task = ray.remote(num_cpus=num_cpus, max_retries=2)(write_shard)
     limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     reader_ref = ray.put(reader)
@@ -282,7 +285,7 @@ def _remove_orphans(fs: pafs.FileSystem, base: str, splits: list[str], plans: li
     keep = {p.path for p in plans} | {p.state_path for p in plans}
     for rel in [*splits, *(f"_state/{s}" for s in splits)]:
         for info in _files(fs, join(base, rel)):
-            relpath = posixpath.relpath(info.path, base)
+            relpath = relative(info.path, base)
             if relpath not in keep and posixpath.basename(relpath).startswith("part-"):
                 logger.info("removing stale %s", relpath)
                 fs.delete_file(info.path)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fra import storage as st
 from fra.checkpoint import backbone_state_dict, build_torchvision_resnet, infer_arch, load_backbone_into, safe_load
 from fra.errors import CheckpointError
 
@@ -111,7 +112,10 @@ def resolve_backbone(source: Any, arch: str = "", seed: int = 0, tracking_uri: s
                               detail=f"random init ({name}, seed {seed})")
     if spec.startswith(MLFLOW_SCHEMES):
         return _from_mlflow(spec, arch, tracking_uri, trust_pickle)
-    path = Path(spec).expanduser()
+    try:
+        path = st.local_copy(spec, siblings=("model_card.json",))  # a URI is fetched into the local cache
+    except FileNotFoundError:
+        path = Path(spec).expanduser()
     if path.is_dir():
         found = next((path / c for c in DIR_CANDIDATES if (path / c).is_file()), None)
         if found is None:

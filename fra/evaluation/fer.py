@@ -144,9 +144,9 @@ class FERResult:
     macro_f1: float
     confusion: list[list[int]]
     classes: list[str]
-    results_path: Path
-    run_dir: Path
-    model_path: Path | None = None
+    results_path: str | Path  # a local path or a URI, as run.storage_path
+    run_dir: str | Path
+    model_path: str | Path | None = None
     top1_at_val_best: float | None = None  # test top-1 at the epoch chosen on validation
     val_best_epoch: int | None = None
     backbone: dict = field(default_factory=dict)
@@ -197,6 +197,8 @@ def evaluate_fer(cfg: FERConfig, backbone_source: Any = None, *, run_name: str |
     from fra.evaluation.report import write_outputs
     from fra.data.manifest import read_manifest
     from fra.evaluation.worker import LoopSpec
+    from fra import storage as st
+    from fra.ray_runtime import check_shared_location
 
     t0 = time.perf_counter()
     if not cfg.data.shards:
@@ -230,7 +232,8 @@ def evaluate_fer(cfg: FERConfig, backbone_source: Any = None, *, run_name: str |
                     last_k=cfg.run.last_k, seed=cfg.run.seed, mean=tuple(mean), std=tuple(std),
                     checkpoint_every=cfg.run.checkpoint_every, has_val="val" in datasets)
     run_id = run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    storage = Path(cfg.run.storage_path).expanduser().resolve()
+    storage = st.absolute(cfg.run.storage_path)
+    check_shared_location("run.storage_path", storage)
     log.info("FER %s: %s on %s (%s, %d classes), %d train / %d test rows, %d worker(s)", cfg.protocol,
              backbone.spec, manifest.dataset, test_split, spec.num_classes, sizes["train"], sizes["test"], workers)
     out = _fit(cfg, spec, backbone.state_dict, datasets, run_id, storage)
@@ -240,7 +243,8 @@ def evaluate_fer(cfg: FERConfig, backbone_source: Any = None, *, run_name: str |
                "backbone": {**backbone.params(), "detail": backbone.detail},
                "dataset": {"name": manifest.dataset, "uri": manifest.uri, "fingerprint": manifest.fingerprint,
                            "classes": list(manifest.classes), "rows": sizes}}
-    return write_outputs(cfg, out, context, storage / run_id, list(manifest.classes), time.perf_counter() - t0)
+    return write_outputs(cfg, out, context, st.join(storage, run_id), list(manifest.classes),
+                         time.perf_counter() - t0)
 
 
 def _card(manifest):
@@ -253,7 +257,7 @@ def _card(manifest):
         return None
 
 
-def _fit(cfg: FERConfig, spec, backbone_sd: dict, datasets: dict, run_id: str, storage: Path) -> dict:
+def _fit(cfg: FERConfig, spec, backbone_sd: dict, datasets: dict, run_id: str, storage: str) -> dict:
     """Run the Ray Train job; returns rank 0's loop output."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -261,15 +265,18 @@ def _fit(cfg: FERConfig, spec, backbone_sd: dict, datasets: dict, run_id: str, s
 
     from fra.evaluation.data import eval_data_config
     from fra.evaluation.worker import fer_train_loop
+    from fra.ray_runtime import code_origin, init_ray
 
+    init_ray()
     workers = cfg.scaling.num_workers
     backbone = ray.put(backbone_sd) if workers > 0 else backbone_sd
     scaling = ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu and workers > 0,
                             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} if workers else None)
     trainer = TorchTrainer(
-        fer_train_loop, train_loop_config={"spec": dataclasses.asdict(spec), "backbone": backbone},
+        fer_train_loop, train_loop_config={"spec": dataclasses.asdict(spec), "backbone": backbone,
+                                           "code": code_origin()},
         torch_config=TorchConfig(backend=None if cfg.scaling.use_gpu else "gloo"), scaling_config=scaling,
-        run_config=RunConfig(name=run_id, storage_path=str(storage),
+        run_config=RunConfig(name=run_id, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
         datasets=datasets, dataset_config=eval_data_config())
     result = trainer.fit()

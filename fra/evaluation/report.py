@@ -20,10 +20,22 @@ from fra.utils.io import atomic_torch_save, atomic_write_json
 log = logging.getLogger(__name__)
 
 
-def write_outputs(cfg, out: dict, context: dict, run_dir: Path, classes: list[str], seconds: float):
-    """Write the run's files, log them to MLflow, and build the :class:`FERResult`."""
+def write_outputs(cfg, out: dict, context: dict, location: str, classes: list[str], seconds: float):
+    """Write the run's files to ``location`` (a local folder or a URI), log them to MLflow, and
+    build the :class:`FERResult` (whose paths are locations under ``location``).
+
+    The files are written to a local folder first (the location itself when it is local) and
+    published to object storage after.
+    """
+    import tempfile
+
+    from fra import storage as st
     from fra.evaluation.fer import FERResult
 
+    staging = None if st.is_uri(location) else Path(location)
+    if staging is None:
+        staging = Path(tempfile.mkdtemp(prefix="fra-fer-"))
+    run_dir = staging
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(out["history"], classes, last_k=cfg.run.last_k, eval_every=cfg.run.eval_every)
     last = summary["last"]
@@ -63,7 +75,14 @@ def write_outputs(cfg, out: dict, context: dict, run_dir: Path, classes: list[st
         sd = {k: torch.from_numpy(np.array(v)) for k, v in out["state_dict"].items()}
         model_path = atomic_torch_save({"format": "fra-fer-classifier/1", "arch": context["backbone"]["backbone.arch"],
                                         "classes": classes, "state_dict": sd}, run_dir / "model.pt")
-    mlflow_id = _log_mlflow(cfg, summary, results, [results_path, png, run_dir / "config.yaml"], run_dir)
+    mlflow_id = _log_mlflow(cfg, summary, results, [results_path, png, run_dir / "config.yaml"], location)
+    if st.is_uri(location):
+        import shutil
+
+        st.publish(run_dir, location)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        results_path = st.join(location, results_path.name)
+        model_path = st.join(location, model_path.name) if model_path else None
     log.info("FER %s: top-1 last %.2f%%, mean of last %d %.2f%%, best (on test) %.2f%% @%d; results in %s",
              cfg.protocol, summary["top1_last"], summary["last_k"], summary["top1_mean_last_k"],
              summary["top1_best"], summary["best_epoch"], results_path)
@@ -71,7 +90,7 @@ def write_outputs(cfg, out: dict, context: dict, run_dir: Path, classes: list[st
         top1_last=summary["top1_last"], top1_mean_last5=summary["top1_mean_last_k"],
         top1_best=summary["top1_best"], best_epoch=summary["best_epoch"], mean_class_acc=last["mean_class_acc"],
         per_class_acc=last["per_class_acc"], macro_f1=last["macro_f1"], confusion=last["confusion"],
-        classes=list(classes), results_path=results_path, run_dir=run_dir, model_path=model_path,
+        classes=list(classes), results_path=results_path, run_dir=location, model_path=model_path,
         top1_at_val_best=summary.get("top1_at_val_best"), val_best_epoch=summary.get("val_best_epoch"),
         backbone=context["backbone"], backbone_unchanged=out.get("backbone_unchanged"), mlflow_run_id=mlflow_id,
         seconds=seconds, summary=summary, history=out["history"])
@@ -87,7 +106,7 @@ def skipped_per_pass(history: list[dict]) -> dict[str, int]:
     return out
 
 
-def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_dir: Path) -> str | None:
+def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_dir: str) -> str | None:
     """Params (config, backbone source + fingerprint, dataset manifest), per-epoch and final
     metrics, and the artifacts. Tracking failures are logged, never raised."""
     if not cfg.tracking.enabled:
@@ -95,6 +114,7 @@ def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_di
     try:
         from mlflow.entities import Metric
 
+        from fra import storage as st
         from fra import tracking
 
         uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.run.storage_path)
@@ -103,7 +123,7 @@ def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_di
                   "dataset.fingerprint": results["dataset"]["fingerprint"],
                   "dataset.classes": ",".join(results["dataset"]["classes"]),
                   **{f"resolved.{k}": v for k, v in flatten(results["resolved"]).items()}}
-        run_id, _ = tracking.start_run(uri, cfg.tracking.experiment, f"fer:{run_dir}", run_dir.name, params,
+        run_id, _ = tracking.start_run(uri, cfg.tracking.experiment, f"fer:{run_dir}", st.basename(run_dir), params,
                                        tags={"fra.protocol": cfg.protocol, "fra.kind": "fer-eval"})
         client = tracking._client(uri)
         now = int(time.time() * 1000)

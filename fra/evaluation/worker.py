@@ -235,6 +235,9 @@ def fer_train_loop(config: dict) -> dict:
 
     from fra.data.stream import iter_batches
 
+    from fra.ray_runtime import check_worker_code
+
+    check_worker_code(config.get("code"), "FER worker")
     spec = LoopSpec(**config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -220,17 +220,19 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
     from fra import tracking
     from fra.train.worker import train_loop_per_worker
 
+    from fra import storage as st
+    from fra.ray_runtime import check_shared_location, check_tracking_uri, code_origin, init_ray
+
     check_config(cfg)
     lo, hi = worker_range(cfg)
-    if not ray.is_initialized():
-        # NOTE: logical CPUs beyond the cores, so that Ray Data keeps 2 CPUs beside the
-        # workers (its ListFiles task always takes a full CPU; without spare CPUs it hangs).
-        need = math.ceil(hi * cfg.scaling.cpus_per_worker) + 2
-        ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need))
+    # NOTE: a Ray that fra starts gets logical CPUs beyond the cores, so that Ray Data keeps 2 CPUs
+    # beside the workers (its ListFiles task always takes a full CPU; without spare CPUs it hangs).
+    init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(hi * cfg.scaling.cpus_per_worker) + 2), dashboard=True)
     check_cluster(cfg)
-    remote = "://" in cfg.run.storage_path
-    storage = cfg.run.storage_path if remote else str(Path(cfg.run.storage_path).expanduser().resolve())
-    run_dir = f"{storage.rstrip('/')}/{cfg.run.name}"
+    storage = st.absolute(cfg.run.storage_path)
+    check_shared_location("run.storage_path", storage)
+    remote = st.is_uri(storage)
+    run_dir = st.join(storage, cfg.run.name)
     manifest, ds = prepare_data(cfg, storage)
     plan = make_plan(cfg, manifest.num_rows(cfg.data.split))
     derived = {"derived.global_batch": cfg.optim.batch_size, "derived.workers": f"{lo}..{hi}" if lo < hi else lo,
@@ -244,7 +246,8 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
 
     uri, run_id = "", ""
     if cfg.tracking.enabled:
-        uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, "runs" if remote else storage)
+        uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, storage)
+        check_tracking_uri(uri)
         run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, run_dir, cfg.run.name,
                                              {**flatten(to_dict(cfg)), **derived})
         with tempfile.TemporaryDirectory() as tmp:
@@ -257,7 +260,7 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "plan": plan, "mlflow": {"uri": uri, "run_id": run_id},
                            "probe": probe_images(manifest, cfg.data.split, cfg.data.image_size),
-                           "inject": inject or {}},
+                           "inject": inject or {}, "code": code_origin()},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=(lo, hi) if lo < hi else lo, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources_per_worker(cfg),
@@ -283,8 +286,7 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
             os.environ.pop(START_TIMEOUT_ENV, None)
         else:
             os.environ[START_TIMEOUT_ENV] = saved_env
-    if "://" not in run_dir:
-        set_aside_unregistered_checkpoints(Path(run_dir))
+    set_aside_unregistered_checkpoints(run_dir)
     out = finalize(cfg, result, run_dir, manifest.fingerprint)
     if run_id and out.region_score:
         region_log = tracking.RunLogger(uri, run_id)
@@ -292,9 +294,8 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
                                out.return_value.get("step", 0))
         region_log.close()
     if run_id:
-        if not remote:
-            for p in (out.model_card, Path(out.checkpoint).parent / "config.yaml"):
-                tracking.log_artifacts(uri, run_id, p, "final")
+        for p in (out.model_card, st.join(st.dirname(out.checkpoint), "config.yaml")):
+            tracking.log_artifacts(uri, run_id, st.local_copy(p), "final")
         tracking.end_run(uri, run_id)
     out.tracking_uri, out.mlflow_run_id = uri, run_id
     return out
@@ -326,34 +327,47 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of r
 UNREGISTERED_DIR = "unregistered_checkpoints"
 
 
-def set_aside_unregistered_checkpoints(run_dir: Path) -> list[Path]:
+def set_aside_unregistered_checkpoints(run_dir: str) -> list[str]:
     """Move ``checkpoint_*`` folders the Train controller never registered out of the run folder.
 
     Ray copies a reported checkpoint into ``<run>/checkpoint_<time>`` and registers it only when the
-    copy is complete; a node lost mid-copy leaves a partial folder (a truncated ``checkpoint.pt``)
-    that Ray ignores on resume but a person or script listing the run would not. After a finished
-    fit nothing is in flight, so every unregistered folder is such a leftover: it is moved (not
-    deleted) to ``<run>/unregistered_checkpoints/`` and named in a warning.
+    copy is complete; a node lost mid-copy (or mid-upload to object storage) leaves a partial folder
+    (a truncated ``checkpoint.pt``) that Ray ignores on resume but a person or script listing the run
+    would not. After a finished fit nothing is in flight, so every unregistered folder is such a
+    leftover: it is moved (not deleted) to ``<run>/unregistered_checkpoints/`` and named in a
+    warning. ``run_dir`` is a local path or a URI.
     """
+    import pyarrow.fs as pafs
+
+    from fra import storage as st
+
+    snapshot = st.join(run_dir, SNAPSHOT_FILE)
     try:
-        snap = json.loads((run_dir / SNAPSHOT_FILE).read_text())
+        snap = st.read_json(snapshot)
         registered = {c["checkpoint_dir_name"] for c in snap["checkpoint_results"]}
         latest = snap.get("latest_checkpoint_result") or {}
         if latest.get("checkpoint_dir_name"):
             registered.add(latest["checkpoint_dir_name"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("cannot read %s (%s); left checkpoint folders as they are", run_dir / SNAPSHOT_FILE, exc)
+        log.warning("cannot read %s (%s); left checkpoint folders as they are", st.redact(snapshot), exc)
         return []
+    fs, base = st.resolve(run_dir)
+    found = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(base))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     moved = []
-    for d in sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name not in registered):
-        dest = run_dir / UNREGISTERED_DIR / d.name
-        dest.parent.mkdir(exist_ok=True)
-        d.rename(dest)
-        moved.append(dest)
+    for name in (n for n in found if n not in registered):
+        src, dest = f"{base}/{name}", f"{base}/{UNREGISTERED_DIR}/{name}"
+        if isinstance(fs, pafs.LocalFileSystem):
+            Path(dest).parent.mkdir(exist_ok=True)
+            fs.move(src, dest)
+        else:  # object stores have no folder rename: copy, then delete
+            pafs.copy_files(src, dest, source_filesystem=fs, destination_filesystem=fs)
+            fs.delete_dir(src)
+        moved.append(st.join(run_dir, UNREGISTERED_DIR, name))
     if moved:
         log.warning("moved %d checkpoint folder(s) that Ray never registered (a copy cut short by a lost "
-                    "worker or node) to %s: %s", len(moved), run_dir / UNREGISTERED_DIR,
-                    ", ".join(p.name for p in moved))
+                    "worker or node) to %s: %s", len(moved), st.join(run_dir, UNREGISTERED_DIR),
+                    ", ".join(st.basename(p) for p in moved))
     return moved
 
 
@@ -372,8 +386,7 @@ def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> Ray
     """Copy the final full checkpoint to ``<run>/final`` and export the backbone + model card."""
     import shutil
 
-    import pyarrow.fs as pafs
-
+    from fra import storage as st
     from fra.models import build_model
     from fra.train.checkpointing import CHECKPOINT_FILE, export_backbone, load_checkpoint, restore
 
@@ -399,11 +412,8 @@ def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> Ray
             from fra.utils.io import atomic_torch_save
 
             atomic_torch_save(frl_checkpoint(model, rv.get("epoch", 0)), local / "export" / FRL_EXPORT)
-        if "://" in run_dir:
-            pafs.copy_files(str(local), run_dir)
-        else:
-            for sub in ("final", "export"):
-                shutil.copytree(local / sub, Path(run_dir) / sub, dirs_exist_ok=True)
+        for sub in ("final", "export"):
+            st.publish(local / sub, st.join(run_dir, sub))
     return RayPretrainResult(run_dir, f"{run_dir}/final/{CHECKPOINT_FILE}", f"{run_dir}/export/backbone.pt",
                              f"{run_dir}/export/model_card.json", rv, "", "", fingerprint, region)
 

@@ -44,6 +44,9 @@ def train_loop_per_worker(config: dict) -> dict:
 
     from fra.data.stream import iter_batches
 
+    from fra.ray_runtime import check_worker_code
+
+    check_worker_code(config.get("code"), "pretraining worker")
     cfg = from_dict(PretrainConfig, config["cfg"])
     plan = config["plan"]
     ctx = ray.train.get_context()
@@ -185,6 +188,7 @@ class WorkerHooks:
         self.last_metrics: dict = {}
         # Non-finite losses: flagged on the device every step, agreed over ranks at each check.
         self.finite = FiniteCheck(cfg.run.finite_check_every)
+        self._last_checkpoint_t, self._checkpoint_due = time.monotonic(), False
 
     def normalizer(self, x: torch.Tensor) -> torch.Tensor:
         x = self._normalize(x)
@@ -196,14 +200,21 @@ class WorkerHooks:
     def on_step(self, state: TrainState) -> None:
         self._maybe_inject(state)
         every, iters = self.cfg.run.checkpoint_every, self.plan["iters_per_epoch"]
-        if every and state.step % every == 0 and state.step % iters and state.step < self.plan["total_steps"]:
+        due = (every and state.step % every == 0) or self._checkpoint_due
+        if due and state.step % iters and state.step < self.plan["total_steps"]:
+            self._checkpoint_due = False
             self.checkpoint(state, {"step": state.step, "epoch": state.epoch, **self.last_metrics})
 
     def on_log(self, metrics: dict) -> None:
         """Average over workers, feed the collapse detector, print progress, log to MLflow."""
         if self.detector.enabled and self.probe is not None:
             metrics["heatmap_uniformity"] = heatmap_uniformity(self.model, self.probe)
+        minutes = self.cfg.run.checkpoint_every_minutes
+        if minutes:  # averaged over ranks below, so every rank takes the same decision
+            metrics["since_checkpoint_s"] = time.monotonic() - self._last_checkpoint_t
         metrics = _all_reduce_metrics(metrics)
+        if minutes and metrics.pop("since_checkpoint_s") >= 60 * minutes:
+            self._checkpoint_due = True
         self.last_metrics = {k: v for k, v in metrics.items() if k.startswith("loss")}
         self.detector.update(metrics)  # identical input on every rank -> identical decision
         if self.rank != 0:
@@ -254,6 +265,15 @@ class WorkerHooks:
             save_checkpoint(tmp / CHECKPOINT_FILE, self.model, self.optimizer, state, self.cfg, self.scaler, extra)
             dump_yaml(self.cfg, tmp / "config.yaml")
             ck = ray.train.Checkpoint.from_directory(str(tmp))
+        self._last_checkpoint_t = time.monotonic()
+        if self.cfg.run.checkpoint_upload == "async":
+            # Ray uploads in the background while every rank trains on, and deletes the local copy
+            # once it is in storage; a node lost mid-upload leaves a folder Ray never registered
+            # (set aside after the fit: ray_trainer.set_aside_unregistered_checkpoints).
+            from ray.train import CheckpointUploadMode
+
+            ray.train.report(metrics, checkpoint=ck, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+            return
         ray.train.report(metrics, checkpoint=ck)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

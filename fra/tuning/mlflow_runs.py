@@ -7,10 +7,10 @@ stop a sweep.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from ray.tune import Callback
 
+from fra import storage as st
 from fra import tracking
 from fra.config import flatten, to_dict
 from fra.tuning.config import SweepConfig, finite
@@ -19,7 +19,7 @@ from fra.tuning.report import STOPPED_FILE
 log = logging.getLogger(__name__)
 
 
-def open_parent_run(cfg: SweepConfig, exp_dir: Path) -> tuple[str, str | None]:
+def open_parent_run(cfg: SweepConfig, exp_dir: str) -> tuple[str, str | None]:
     """The sweep's MLflow run (re-opened on resume); ("", None) when tracking is off or down."""
     if not cfg.tracking.enabled:
         return "", None
@@ -69,7 +69,7 @@ class MLflowTrials(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if finite((trial.last_result or {}).get("objective")):
             state = "completed"
-        elif (Path(self.key) / "trials" / trial.trial_id / STOPPED_FILE).is_file():
+        elif st.is_file(st.join(self.key, "trials", trial.trial_id, STOPPED_FILE)):
             state = "stopped_early"
         else:
             state = "interrupted"  # a resumed sweep re-opens this run
@@ -81,8 +81,8 @@ class MLflowTrials(Callback):
     def _close(self, trial, status: str, fra_status: str) -> None:
         logger = self._logger(trial)
         self._loggers.pop(trial.trial_id, None)
-        for path in sorted((Path(self.key) / "trials" / trial.trial_id).glob("*.*")):
-            logger.log_artifact(path)  # pretrain.yaml, epochs.json, result.json
+        for path in st.list_files(st.join(self.key, "trials", trial.trial_id)):
+            logger.log_artifact(st.local_copy(path))  # pretrain.yaml, epochs.json, result.json, starts.json
         logger.close()
         _client(self.uri).set_tag(logger.run_id, "fra.status", fra_status)
         tracking.end_run(self.uri, logger.run_id, status)
@@ -108,8 +108,8 @@ def log_sweep_summary(uri: str, run_id: str, rows: list[dict], best: dict | None
         logger.log_metrics({f"trials_{k}": v for k, v in counts.items()}
                            | ({"best_objective": best["objective"]} if best else {}), step=0)
         for path in artifacts:
-            if path is not None and Path(path).exists():
-                logger.log_artifact(path)
+            if path is not None and st.exists(path):
+                logger.log_artifact(st.local_copy(path))
         logger.close()
         if best is not None:
             _client(uri).set_tag(run_id, "fra.best_trial", best["trial_id"])

@@ -11,18 +11,16 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fra import storage as st
 from fra.tuning.config import SweepConfig, finite
 from fra.tuning.space import Param, set_paths
 from fra.tuning.trial import STARTS_FILE
-from fra.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +29,7 @@ METRIC_COLUMNS = ("epochs", "proxy_top1", "objective", "val_top1", "val_macro_f1
                   "test_top1_mean_last5", "test_macro_f1", "seconds", "starts")
 
 
-def collect_rows(grid, params: list[Param], exp_dir: Path) -> list[dict]:
+def collect_rows(grid, params: list[Param], exp_dir: str) -> list[dict]:
     """One row per trial: id, status, searched values, proxy, FER metrics, compute time, starts."""
     analysis = grid._experiment_analysis  # NOTE: the Trial objects (status) are only reachable here
     frames = analysis.trial_dataframes
@@ -39,12 +37,12 @@ def collect_rows(grid, params: list[Param], exp_dir: Path) -> list[dict]:
     rows = []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         tid = trial.trial_id
-        done_file = exp_dir / "trials" / tid / "result.json"
-        done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+        done_file = st.join(exp_dir, "trials", tid, "result.json")
+        done = st.read_json(done_file) if st.is_file(done_file) else {}
         final = done.get("report") or {}
         last = dict(trial.last_result or {})
         df = frames.get(tid)
-        stopped = (exp_dir / "trials" / tid / STOPPED_FILE).is_file()
+        stopped = st.is_file(st.join(exp_dir, "trials", tid, STOPPED_FILE))
         row: dict[str, Any] = {"trial_id": tid, "status": _status(trial.status, final, stopped)}
         row.update({p.name: trial.config.get(p.path) for p in params})
         row["epochs"] = _last(df, "epoch", last.get("epoch"))
@@ -80,15 +78,13 @@ def _last(df, column: str, default):
     return values[-1] if values else default
 
 
-def count_starts(exp_dir: Path) -> dict[str, int]:
-    """How many times each trial's trainable started (from ``trial_starts.jsonl``)."""
+def count_starts(exp_dir: str) -> dict[str, int]:
+    """How many times each trial's trainable started (from ``trials/<id>/starts.json``)."""
     out: dict[str, int] = {}
-    path = exp_dir / STARTS_FILE
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                tid = json.loads(line)["trial_id"]
-                out[tid] = out.get(tid, 0) + 1
+    for path in st.list_files(st.join(exp_dir, "trials"), recursive=True):
+        if st.basename(path) == STARTS_FILE:
+            for entry in st.read_json(path):
+                out[entry["trial_id"]] = out.get(entry["trial_id"], 0) + 1
     return out
 
 
@@ -98,14 +94,14 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(done, key=lambda r: r["objective"]) if done else None
 
 
-def write_table(rows: list[dict], params: list[Param], path: Path) -> Path:
+def write_table(rows: list[dict], params: list[Param], path: str) -> str:
     columns = ["trial_id", "status", *[p.name for p in params], *METRIC_COLUMNS, "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    return atomic_write_text(path, buf.getvalue())
+    return st.write_text(path, buf.getvalue())
 
 
 def format_table(rows: list[dict], params: list[Param]) -> str:
@@ -126,7 +122,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def plot_objective(rows: list[dict], params: list[Param], path: Path) -> Path | None:
+def plot_objective(rows: list[dict], params: list[Param], path: str) -> str | None:
     """Objective against each searched parameter; stopped trials at their last proxy value."""
     if not rows:
         return None
@@ -164,10 +160,10 @@ def plot_objective(rows: list[dict], params: list[Param], path: Path) -> Path | 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return st.write_bytes(path, buf.getvalue())
 
 
-def write_best(row: dict, exp_dir: Path, cfg: SweepConfig, fer: dict, tracking_uri: str = "") -> dict[str, Path]:
+def write_best(row: dict, exp_dir: str, cfg: SweepConfig, fer: dict, tracking_uri: str = "") -> dict[str, str]:
     """Write the best trial's ``best_pretrain.yaml``, ``best_pipeline.yaml`` and ``best.json``.
 
     ``best_pretrain.yaml`` is a PretrainConfig (``fra pretrain`` runs it); ``best_pipeline.yaml`` is
@@ -181,31 +177,31 @@ def write_best(row: dict, exp_dir: Path, cfg: SweepConfig, fer: dict, tracking_u
         tracking_uri: the MLflow URI the sweep logged to ("" = the pipeline's own sqlite file).
     """
     tid = row["trial_id"]
-    trial_cfg = yaml.safe_load((exp_dir / "trials" / tid / "pretrain.yaml").read_text())
+    trial_cfg = yaml.safe_load(st.read_text(st.join(exp_dir, "trials", tid, "pretrain.yaml")))
     base_pretrain = cfg.pretrain
     # The trial's own settings, but a fresh run name and the base's storage and tracking.
     standalone = {**trial_cfg, "run": {**trial_cfg["run"], "name": f"{cfg.run.name}-best",
                                        "storage_path": base_pretrain.get("run", {}).get("storage_path", "runs")},
                   "tracking": {**trial_cfg["tracking"], "enabled": True, **base_pretrain.get("tracking", {})}}
-    pipeline = best_pipeline(trial_cfg, cfg, fer, tracking_uri, exp_dir.parent / f"{cfg.run.name}-best")
+    pipeline = best_pipeline(trial_cfg, cfg, fer, tracking_uri, st.join(st.dirname(exp_dir), f"{cfg.run.name}-best"))
     header = (f"# Best trial {tid} of sweep {cfg.run.name}: {cfg.objective.metric} = {row['objective']:.4g} "
               f"(FER validation carve; test top-1 last = {_fmt(row.get('test_top1_last'))}).\n"
               f"# Written by fra tune from {exp_dir}.\n")
-    out = {"config": exp_dir / "best_pretrain.yaml", "pipeline": exp_dir / "best_pipeline.yaml",
-           "json": exp_dir / "best.json"}
-    atomic_write_text(out["config"], header + f"# Run: fra pretrain {out['config']}\n"
+    out = {"config": st.join(exp_dir, "best_pretrain.yaml"), "pipeline": st.join(exp_dir, "best_pipeline.yaml"),
+           "json": st.join(exp_dir, "best.json")}
+    st.write_text(out["config"], header + f"# Run: fra pretrain {out['config']}\n"
                       + yaml.safe_dump(standalone, sort_keys=False))
-    atomic_write_text(out["pipeline"], header + f"# Run: fra run {out['pipeline']}  (pretrain -> evaluate -> "
+    st.write_text(out["pipeline"], header + f"# Run: fra run {out['pipeline']}  (pretrain -> evaluate -> "
                       "register -> promote; --set stages=[pretrain,evaluate] to skip the registry)\n"
                       + yaml.safe_dump(pipeline, sort_keys=False))
-    done = json.loads((exp_dir / "trials" / tid / "result.json").read_text())
-    atomic_write_json(out["json"], {"trial_id": tid, "params": done["params"], "report": done["report"],
+    done = st.read_json(st.join(exp_dir, "trials", tid, "result.json"))
+    st.write_json(out["json"], {"trial_id": tid, "params": done["params"], "report": done["report"],
                                     "pretrain": done.get("pretrain", {}), "fer": done.get("fer", {}),
                                     "config": str(out["config"]), "pipeline": str(out["pipeline"])})
     return out
 
 
-def best_pipeline(trial_cfg: dict, cfg: SweepConfig, fer: dict, tracking_uri: str, storage: Path) -> dict:
+def best_pipeline(trial_cfg: dict, cfg: SweepConfig, fer: dict, tracking_uri: str, storage: str) -> dict:
     """A ``fra run`` pipeline reproducing a trial: pretrain -> evaluate -> register -> promote.
 
     The pretrain section is the trial's resolved config and the evaluate section the trial's

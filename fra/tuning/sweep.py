@@ -17,19 +17,19 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 from ray.tune.schedulers import ASHAScheduler
 
-from fra.config import load_yaml, to_dict
+from fra import storage as st
+from fra.config import to_dict
 from fra.errors import ConfigError, FraError
 from fra.tuning import report
 from fra.tuning.config import Resolved, SchedulerSettings, SweepConfig, check_resources, resolve
 from fra.tuning.mlflow_runs import MLflowTrials, log_sweep_summary, open_parent_run
 from fra.tuning.space import set_paths
-from fra.utils.io import atomic_write_json, atomic_write_text
+from fra.ray_runtime import check_shared_location, cluster_capacity, init_ray
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,17 @@ IDENTITY_KEYS = ("pretrain", "fer", "space", "num_samples", "seed", "scheduler",
 class SweepResult:
     """What :func:`run_sweep` produced (paths are absolute)."""
 
-    experiment_dir: Path
+    experiment_dir: str  # a local path or a URI, as run.storage_path
     best_trial_id: str | None
     best_params: dict[str, Any]
     best_objective: float | None
     best_metrics: dict[str, Any]
-    best_config_path: Path | None  # ready-to-run PretrainConfig YAML
-    best_pipeline_path: Path | None  # a `fra run` pipeline: pretrain -> evaluate -> register -> promote
-    best_export_dir: Path | None  # the best trial's exported backbone + model card (for registration)
-    best_backbone: Path | None
-    table_path: Path
-    plot_path: Path | None
+    best_config_path: str | None  # ready-to-run PretrainConfig YAML
+    best_pipeline_path: str | None  # a `fra run` pipeline: pretrain -> evaluate -> register -> promote
+    best_export_dir: str | None  # the best trial's exported backbone + model card (for registration)
+    best_backbone: str | None
+    table_path: str
+    plot_path: str | None
     mlflow_run_id: str | None
     rows: list[dict] = field(default_factory=list, repr=False)
     table_text: str = field(default="", repr=False)  # the table as fixed-width text
@@ -73,7 +73,6 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
         ConfigError: invalid config or a trial larger than the cluster (before any trial runs).
         SweepInterrupted: the driver was interrupted; the outputs cover the finished trials.
     """
-    import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -81,36 +80,37 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
     from fra.tuning.trial import TrialSetup, fra_trial
 
     res = resolve(cfg)
-    exp_dir = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+    storage = st.absolute(cfg.run.storage_path)
+    exp_dir = st.join(storage, cfg.run.name)
     check_snapshot(cfg, exp_dir, resume)
-    if not ray.is_initialized():  # the dashboard serves the State API that check_state_api needs
-        ray.init(address=cfg.run.ray_address or None, include_dashboard=True,
-                 **({} if cfg.run.ray_address or not cfg.run.num_cpus else {"num_cpus": cfg.run.num_cpus}))
-    concurrency = check_resources(cfg, res, ray.cluster_resources())
+    # The dashboard serves the State API that check_state_api needs.
+    init_ray(address=cfg.run.ray_address, num_cpus=cfg.run.num_cpus, dashboard=True)
+    check_shared_location("run.storage_path", storage)
+    concurrency = check_resources(cfg, res, cluster_capacity())
     check_state_api(cfg)
     fer = set_paths(to_dict(res.fer), {"data.shards": fer_shards(cfg, res, exp_dir),
                                        "protocol": cfg.objective.protocol})
     if res.base.data.source == "synthetic":  # render once here, not in every trial at the same time
         from fra.train.ray_trainer import prepare_data
 
-        prepare_data(res.base, str(exp_dir / "train_runs"))
-    atomic_write_text(exp_dir / "sweep.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        prepare_data(res.base, st.join(exp_dir, "train_runs"))
+    st.write_text(st.join(exp_dir, "sweep.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
     uri, parent = open_parent_run(cfg, exp_dir)
-    setup = TrialSetup(base=to_dict(res.base), fer=fer, objective=to_dict(cfg.objective), sweep_dir=str(exp_dir),
+    setup = TrialSetup(base=to_dict(res.base), fer=fer, objective=to_dict(cfg.objective), sweep_dir=exp_dir,
                        scheduler_metric=cfg.scheduler.metric if cfg.scheduler.name != "none" else "")
     trainable = tune.with_resources(tune.with_parameters(fra_trial, setup=setup), {"CPU": cfg.resources.cpus})
-    if resume and tune.Tuner.can_restore(str(exp_dir)):
+    if resume and tune.Tuner.can_restore(exp_dir):
         log.info("resuming sweep %s (finished trials are kept)", exp_dir)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        callbacks = [MLflowTrials(uri, cfg.tracking.experiment, parent, str(exp_dir))] if parent else []
+        callbacks = [MLflowTrials(uri, cfg.tracking.experiment, parent, exp_dir)] if parent else []
         tuner = tune.Tuner(
             trainable, param_space=to_tune(res.params),
             tune_config=tune.TuneConfig(
                 num_samples=cfg.num_samples,  # concurrency: the search algorithm's max_concurrent
                 search_alg=BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.seed),
                 scheduler=build_scheduler(cfg.scheduler, res.max_t, exp_dir)),
-            run_config=tune.RunConfig(name=cfg.run.name, storage_path=str(exp_dir.parent), callbacks=callbacks))
+            run_config=tune.RunConfig(name=cfg.run.name, storage_path=storage, callbacks=callbacks))
     grid = tuner.fit()
     out = write_outputs(cfg, res, grid, exp_dir, fer, uri, parent)
     unfinished = [r["trial_id"] for r in out.rows if r["status"] == "unfinished"]
@@ -166,12 +166,12 @@ def expected_trials(cfg: SweepConfig, res: Resolved) -> int:
     return n
 
 
-def build_scheduler(s: SchedulerSettings, max_t: int, exp_dir: Path):
+def build_scheduler(s: SchedulerSettings, max_t: int, exp_dir: str):
     """ASHA on a per-epoch metric, or None (FIFO: every trial runs to its evaluation)."""
     if s.name == "none":
         return None
     # stop_last_trials=False and RecordingASHA: a trial reaching max_t must still run its chained evaluation.
-    return RecordingASHA(str(exp_dir), time_attr=s.time_attr, metric=s.metric, mode=s.mode, max_t=max_t,
+    return RecordingASHA(exp_dir, time_attr=s.time_attr, metric=s.metric, mode=s.mode, max_t=max_t,
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor, stop_last_trials=False)
 
 
@@ -208,8 +208,8 @@ class RecordingASHA(ASHAScheduler):
             return self.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP:
-            atomic_write_json(Path(self.exp_dir) / "trials" / trial.trial_id / report.STOPPED_FILE,
-                              {"at": result.get(self._time_attr), "metric": self._metric,
+            st.write_json(st.join(self.exp_dir, "trials", trial.trial_id, report.STOPPED_FILE),
+                          {"at": result.get(self._time_attr), "metric": self._metric,
                                "value": result.get(self._metric)})
         self._save()
         return action
@@ -218,9 +218,9 @@ class RecordingASHA(ASHAScheduler):
         if self._loaded:
             return
         self._loaded = True
-        refuse_legacy_scheduler_state(Path(self.exp_dir))
-        path = Path(self.exp_dir) / self.STATE_FILE
-        if not path.is_file():
+        refuse_legacy_scheduler_state(self.exp_dir)
+        path = st.join(self.exp_dir, self.STATE_FILE)
+        if not st.is_file(path):
             return
         self.load_state(path)
         log.info("ASHA: restored rungs of %d trial(s) from %s", len(self._trial_info), path)
@@ -236,10 +236,10 @@ class RecordingASHA(ASHAScheduler):
                              for b in self._brackets],
                 "trial_info": {str(t): self._brackets.index(b) for t, b in self._trial_info.items()}}
 
-    def load_state(self, path: Path) -> None:
+    def load_state(self, path: str) -> None:
         """Fill the rungs from :meth:`state`'s JSON; refuses a file of another shape or scheduler."""
         try:
-            state = json.loads(path.read_text())
+            state = st.read_json(path)
             if state.get("format") != self.FORMAT:
                 raise ValueError(f"format {state.get('format')!r}, expected {self.FORMAT!r}")
             brackets = state["brackets"]
@@ -256,35 +256,35 @@ class RecordingASHA(ASHAScheduler):
                               "empty rungs, or start a new sweep under another run.name") from exc
 
     def _save(self) -> None:
-        atomic_write_json(Path(self.exp_dir) / self.STATE_FILE, self.state())
+        st.write_json(st.join(self.exp_dir, self.STATE_FILE), self.state())
 
 
-def refuse_legacy_scheduler_state(exp_dir: Path) -> None:
+def refuse_legacy_scheduler_state(exp_dir: str) -> None:
     """A ``scheduler_state.pkl`` (older fra) is refused, never unpickled: loading it would run its writer's code."""
-    legacy = exp_dir / RecordingASHA.LEGACY_STATE_FILE
-    if legacy.is_file():
+    legacy = st.join(exp_dir, RecordingASHA.LEGACY_STATE_FILE)
+    if st.is_file(legacy):
         raise ConfigError(
             f"{legacy}: ASHA state saved as a pickle by an older fra; fra no longer unpickles files it finds in a "
             "sweep folder. Delete it to resume with empty rungs (trials already stopped stay stopped), or start "
             "a new sweep under another run.name")
 
 
-def check_snapshot(cfg: SweepConfig, exp_dir: Path, resume: bool) -> None:
+def check_snapshot(cfg: SweepConfig, exp_dir: str, resume: bool) -> None:
     """Refuse to resume a sweep whose trial-defining settings changed (or to reuse one on --fresh)."""
     refuse_legacy_scheduler_state(exp_dir)
-    snap = exp_dir / "sweep.yaml"
-    if not snap.is_file():
+    snap = st.join(exp_dir, "sweep.yaml")
+    if not st.is_file(snap):
         return
     if not resume:
         raise ConfigError(f"{exp_dir} already holds a sweep: resume it, or choose another run.name")
-    old, new = load_yaml(snap), to_dict(cfg)
+    old, new = yaml.safe_load(st.read_text(snap)) or {}, to_dict(cfg)
     changed = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
     if changed:
         raise ConfigError(f"cannot resume {exp_dir}: {', '.join(changed)} changed since it started "
                           "(use another run.name for a new sweep)")
 
 
-def fer_shards(cfg: SweepConfig, res: Resolved, exp_dir: Path) -> str:
+def fer_shards(cfg: SweepConfig, res: Resolved, exp_dir: str) -> str:
     """The FER shard root; renders synthetic FER shards first when asked (resumable, cached)."""
     if res.fer.data.shards:
         return res.fer.data.shards
@@ -292,41 +292,41 @@ def fer_shards(cfg: SweepConfig, res: Resolved, exp_dir: Path) -> str:
 
     s = to_dict(cfg.synthetic_fer)
     key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:12]
-    out = exp_dir.parent / "_shards" / f"fer_synthetic_{key}"
+    out = st.join(st.dirname(exp_dir), "_shards", f"fer_synthetic_{key}")
     write_shards("synthetic_faces", "", str(out), images_per_shard=256, row_group_size=32,
                  num_identities=s["num_identities"], images_per_identity=s["images_per_identity"],
                  size=s["size"], seed=s["seed"])
     return str(out)
 
 
-def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: Path, fer: dict, uri: str,
+def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: str, fer: dict, uri: str,
                   parent: str | None) -> SweepResult:
     """Table (CSV + console), plot, best config files, and the parent MLflow run's summary."""
     rows = report.collect_rows(grid, res.params, exp_dir)
-    table = report.write_table(rows, res.params, exp_dir / "results.csv")
+    table = report.write_table(rows, res.params, st.join(exp_dir, "results.csv"))
     text = report.format_table(rows, res.params)
-    log.info("sweep %s: %d trial(s)\n%s", exp_dir.name, len(rows), text)
-    plot = report.plot_objective(rows, res.params, exp_dir / "objective.png")
+    log.info("sweep %s: %d trial(s)\n%s", st.basename(exp_dir), len(rows), text)
+    plot = report.plot_objective(rows, res.params, st.join(exp_dir, "objective.png"))
     best = report.best_row(rows)
-    files: dict[str, Path] = {}
+    files: dict[str, str] = {}
     done: dict = {}
     if best is not None:
         fer_out = set_paths(fer, {"tracking.enabled": True})
         files = report.write_best(best, exp_dir, cfg, fer_out, uri)
-        done = json.loads((exp_dir / "trials" / best["trial_id"] / "result.json").read_text())
+        done = st.read_json(st.join(exp_dir, "trials", best["trial_id"], "result.json"))
         log.info("best trial %s: %s = %.4g -> %s", best["trial_id"], cfg.objective.metric, best["objective"],
                  files["config"])
     else:
         log.warning("no trial completed its FER evaluation; no best config written")
     if parent:
-        log_sweep_summary(uri, parent, rows, best, [table, plot, *files.values(), exp_dir / "sweep.yaml"])
-    export = Path(done["pretrain"]["export_dir"]) if done.get("pretrain") else None
+        log_sweep_summary(uri, parent, rows, best, [table, plot, *files.values(), st.join(exp_dir, "sweep.yaml")])
+    export = done["pretrain"]["export_dir"] if done.get("pretrain") else None
     return SweepResult(
         experiment_dir=exp_dir, best_trial_id=best["trial_id"] if best else None,
         best_params=dict(done.get("params", {})), best_objective=best["objective"] if best else None,
         best_metrics=dict(done.get("report", {})), best_config_path=files.get("config"),
         best_pipeline_path=files.get("pipeline"), best_export_dir=export,
-        best_backbone=export / "backbone.pt" if export else None, table_path=table, plot_path=plot,
+        best_backbone=st.join(export, "backbone.pt") if export else None, table_path=table, plot_path=plot,
         mlflow_run_id=parent, rows=rows, table_text=text)
 
 

@@ -13,27 +13,30 @@ same code as ``fra evaluate fer``) on the pretrained backbone, and reports the o
   continues its pretraining from the last checkpoint (Train V2 resumes by name).
 * ``result.json`` in ``trials/<trial_id>/`` records the finished trial; a restarted trial that
   finds it (or a finished export) does not redo that work.
+* Every file a trial writes goes to the sweep's storage location (local or a URI such as
+  ``s3://...``), never to the node-local disk: the trial runs on whichever node Tune placed it,
+  and the driver that reads the results may be on another.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from fra.config import dump_yaml, from_dict
+from fra import storage as st
+from fra.config import from_dict, to_dict
 from fra.errors import FraError
 from fra.tuning.space import apply_params, plain, set_paths
-from fra.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-STARTS_FILE = "trial_starts.jsonl"
+STARTS_FILE = "starts.json"  # per trial: one entry per start of its trainable
 EPOCHS_FILE = "epochs.json"  # per trial: the results forwarded to Tune during pretraining
 
 
@@ -76,7 +79,7 @@ class ProxyReport(TuneReportCallback):
         try:
             history = read_record(self.record)
             history.append({k: v for k, v in out.items() if isinstance(v, (int, float))})
-            atomic_write_json(self.record, history)
+            st.write_json(self.record, history)
         except OSError as exc:
             log.warning("could not record epoch metrics in %s: %s", self.record, exc)
 
@@ -93,7 +96,7 @@ class ProxyReport(TuneReportCallback):
 
 def trial_pretrain_config(setup: TrialSetup, params: dict[str, Any], trial_id: str):
     """Base + sampled values, with the deterministic inner run name ``train_<trial_id>``."""
-    fixed = {"run.name": f"train_{trial_id}", "run.storage_path": str(Path(setup.sweep_dir) / "train_runs")}
+    fixed = {"run.name": f"train_{trial_id}", "run.storage_path": st.join(setup.sweep_dir, "train_runs")}
     return apply_params(setup.base, {**params, **fixed})
 
 
@@ -103,7 +106,7 @@ def trial_fer_config(setup: TrialSetup):
 
     obj, fer = setup.objective, setup.fer
     values = {"protocol": obj["protocol"], "tracking.enabled": False, "run.save_model": False,
-              "run.storage_path": str(Path(setup.sweep_dir) / "fer_runs"),
+              "run.storage_path": st.join(setup.sweep_dir, "fer_runs"),
               # NOTE: >= 1 worker: Train's local mode (0) would call ray.train APIs inside the Tune session.
               "scaling.num_workers": max(1, int(fer.get("scaling", {}).get("num_workers", 1)))}
     if not fer.get("data", {}).get("val_split"):
@@ -133,12 +136,11 @@ def fer_metrics(result, metric: str) -> dict[str, float]:
     return out
 
 
-def read_record(path: str | Path) -> list[dict]:
-    p = Path(path)
-    return json.loads(p.read_text()) if p.is_file() else []
+def read_record(path: str) -> list[dict]:
+    return st.read_json(path) if st.is_file(path) else []
 
 
-def last_epoch_metrics(path: str | Path, scheduler_metric: str) -> dict:
+def last_epoch_metrics(path: str, scheduler_metric: str) -> dict:
     """The last forwarded per-epoch result (the scheduler metric is always present, NaN if unknown)."""
     history = read_record(path)
     last = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("step",)}
@@ -147,12 +149,13 @@ def last_epoch_metrics(path: str | Path, scheduler_metric: str) -> dict:
     return last
 
 
-def record_start(root: Path, trial_id: str, params: dict) -> None:
-    """Append one line per trial start (resume audits count these)."""
-    root.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"trial_id": trial_id, "params": params, "time": time.time(), "pid": os.getpid()})
-    with open(root / STARTS_FILE, "a") as fh:
-        fh.write(line + "\n")
+def record_start(trial_dir: str, trial_id: str, params: dict) -> None:
+    """One entry per start of this trial's trainable in ``<trial_dir>/starts.json`` (resume audits
+    count these). A trial's starts never overlap, so read-modify-write is safe on object stores."""
+    path = st.join(trial_dir, STARTS_FILE)
+    starts = st.read_json(path) if st.is_file(path) else []
+    starts.append({"trial_id": trial_id, "params": params, "time": time.time(), "pid": os.getpid()})
+    st.write_json(path, starts)
 
 
 def fra_trial(config: dict, setup: TrialSetup) -> None:
@@ -163,36 +166,36 @@ def fra_trial(config: dict, setup: TrialSetup) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     params = {k: plain(v) for k, v in config.items()}
-    root, tdir = Path(setup.sweep_dir), Path(setup.sweep_dir) / "trials" / trial_id
-    record_start(root, trial_id, params)
-    done = tdir / "result.json"
-    if done.is_file():  # finished before an interruption, but Tune never recorded it
-        tune.report(json.loads(done.read_text())["report"])
+    tdir = st.join(setup.sweep_dir, "trials", trial_id)
+    record_start(tdir, trial_id, params)
+    done, epochs = st.join(tdir, "result.json"), st.join(tdir, EPOCHS_FILE)
+    if st.is_file(done):  # finished before an interruption, but Tune never recorded it
+        tune.report(st.read_json(done)["report"])
         return
     cfg = trial_pretrain_config(setup, params, trial_id)
     fer_cfg = trial_fer_config(setup)
-    dump_yaml(cfg, tdir / "pretrain.yaml")
+    st.write_text(st.join(tdir, "pretrain.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
     t0 = time.time()
     try:
-        pre = pretrain_or_reuse(cfg, [ProxyReport(proxy_kwargs(setup, fer_cfg), str(tdir / EPOCHS_FILE))])
+        pre = pretrain_or_reuse(cfg, [ProxyReport(proxy_kwargs(setup, fer_cfg), epochs)])
     except FraError as exc:
         if getattr(exc, "status", None) not in ("nonfinite", "collapse"):
             raise  # infrastructure or config trouble: the trial errors (and is retried on resume)
         # diverged / collapsed: a legitimate, final outcome of these settings
         log.warning("trial %s: pretraining stopped: %s", trial_id, exc)
-        report = {**last_epoch_metrics(tdir / EPOCHS_FILE, setup.scheduler_metric),
+        report = {**last_epoch_metrics(epochs, setup.scheduler_metric),
                   "objective": float("nan"), "failure": str(exc)[:500]}
-        atomic_write_json(done, {"trial_id": trial_id, "params": params, "report": report})
+        st.write_json(done, {"trial_id": trial_id, "params": params, "report": report})
         tune.report(report)
         return
     t1 = time.time()
     fer = evaluate_fer(fer_cfg, pre["backbone"], run_name=f"fer_{trial_id}")
-    report = {**last_epoch_metrics(tdir / EPOCHS_FILE, setup.scheduler_metric),
+    report = {**last_epoch_metrics(epochs, setup.scheduler_metric),
               **fer_metrics(fer, setup.objective["metric"]), "epoch": pre["epoch"],
               "pretrain_seconds": t1 - t0, "fer_seconds": time.time() - t1}
-    atomic_write_json(done, {"trial_id": trial_id, "params": params, "report": report, "pretrain": pre,
-                             "fer": {"results": str(fer.results_path), "run_dir": str(fer.run_dir)},
-                             "config": str(tdir / "pretrain.yaml")})
+    st.write_json(done, {"trial_id": trial_id, "params": params, "report": report, "pretrain": pre,
+                         "fer": {"results": str(fer.results_path), "run_dir": str(fer.run_dir)},
+                         "config": st.join(tdir, "pretrain.yaml")})
     tune.report(report)
 
 
@@ -200,15 +203,15 @@ def pretrain_or_reuse(cfg, callbacks: list) -> dict:
     """Run :func:`~fra.train.ray_trainer.pretrain_ray`, unless this run already exported its backbone."""
     from fra.train import ray_trainer
 
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    export = run_dir / "export"
-    if (export / "backbone.pt").is_file() and (export / "model_card.json").is_file():
+    run_dir = st.join(st.absolute(cfg.run.storage_path), cfg.run.name)
+    export = st.join(run_dir, "export")
+    if st.is_file(st.join(export, "backbone.pt")) and st.is_file(st.join(export, "model_card.json")):
         log.info("%s: pretraining already finished; reusing %s", cfg.run.name, export)
-        return {"run_dir": str(run_dir), "export_dir": str(export), "backbone": str(export / "backbone.pt"),
+        return {"run_dir": run_dir, "export_dir": export, "backbone": st.join(export, "backbone.pt"),
                 "epoch": cfg.optim.epochs, "reused": True}
     out = ray_trainer.pretrain_ray(cfg, callbacks=callbacks)
     rv = out.return_value or {}
-    return {"run_dir": str(out.run_dir), "export_dir": str(Path(out.backbone).parent), "backbone": out.backbone,
+    return {"run_dir": str(out.run_dir), "export_dir": st.dirname(out.backbone), "backbone": out.backbone,
             "checkpoint": out.checkpoint, "epoch": int(rv.get("epoch", cfg.optim.epochs)),
             "steps": rv.get("step"), "reused": False}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +144,7 @@ class Reader:
     def rel(self, path: str) -> str:
         """Path relative to the root."""
         _ = self.fs
-        return posixpath.relpath(path, self._base) if self._base else path
+        return relative(path, self._base) if self._base else path
 
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.File
@@ -178,84 +177,6 @@ def _jsonable(obj: Any) -> Any:
     return obj if isinstance(obj, (int, float, str, bool, type(None))) else str(obj)
 
 
-# ---- filesystems -----------------------------------------------------------------------------
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI (``s3://``, ``gs://``, ``file://``).
-
-    S3 endpoint / credentials come from the usual AWS environment variables (``AWS_ENDPOINT_URL``
-    for S3-compatible servers).
-    """
-    uri = str(uri)
-    if "://" not in uri:
-        import os
-
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with a useful message
-        raise DataError(f"cannot open filesystem for {uri!r}: {exc}") from exc
-
-
-def redact(uri: str) -> str:
-    """``uri`` without credentials (``user:secret@`` and secret query parameters), for logs and manifests."""
-    import re
-
-    uri = re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", str(uri))
-    return re.sub(r"(?i)((?:secret_key|access_key|session_token)=)[^&]*", r"\1***", uri)
-
-
-def join(uri: str, *parts: str) -> str:
-    """Join URI / path components with ``/`` (a ``?query`` on the URI stays at the end)."""
-    base, sep, query = str(uri).partition("?")
-    out = base.rstrip("/")
-    for p in parts:
-        out = f"{out}/{p.strip('/')}"
-    return f"{out}{sep}{query}"
-
-
-def dirname(uri: str) -> str:
-    """Parent of a path or URI (query-aware)."""
-    base, sep, query = str(uri).partition("?")
-    return f"{posixpath.dirname(base.rstrip('/'))}{sep}{query}"
-
-
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as fh:
-        return fh.readall()
-
-
-def put_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` so that ``path`` is either absent/old or complete: temp name, then rename.
-
-    Locally the rename is atomic (and the file is fsync'ed first); on object stores the final key
-    is created by one server-side copy of a fully uploaded temp object.
-    """
-    if isinstance(fs, pafs.LocalFileSystem):
-        from fra.utils.io import atomic_write_bytes
-
-        import os
-
-        atomic_write_bytes(path, data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)  # mkstemp creates 0600; shards are meant to be shared
-        return
-    parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
-    fs.create_dir(parent, recursive=True)
-    try:
-        with fs.open_output_stream(tmp) as fh:
-            fh.write(data)
-        fs.move(tmp, path)
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except Exception:  # noqa: BLE001 - best effort cleanup; the original error matters
-            pass
-        raise
-
-
-def file_size(fs: pafs.FileSystem, path: str) -> int:
-    """Size in bytes, or -1 if ``path`` is not a file."""
-    info = fs.get_file_info(path)
-    return int(info.size) if info.type == pafs.FileType.File else -1
+# ---- filesystems: the generic helpers live in fra.storage (re-exported for the readers) ---------
+from fra.storage import dirname, file_size, join, put_atomic, redact, relative, resolve  # noqa: E402,F401
+from fra.storage import read_bytes_fs as read_bytes  # noqa: E402,F401

@@ -1,0 +1,174 @@
+"""Starting or joining Ray, and the checks that only make sense once we know which.
+
+fra joins an existing cluster whenever there is one to join, and only then starts its own:
+
+- inside a Ray job (the job manager sets ``RAY_ADDRESS``), with ``RAY_ADDRESS`` set by the user,
+  on a node where ``ray start`` ran (Ray records the address in its temp dir), or with an
+  explicit ``address``: join it, *without* resource arguments (Ray refuses ``num_cpus`` when
+  connecting to a cluster);
+- otherwise start a local Ray with the logical CPUs and dashboard setting asked for.
+
+It also records which copy of fra this process imported (:func:`code_origin`): a job sent with
+``ray job submit --working-dir .`` must run the shipped copy in the driver and in every worker,
+never a mix of it and an installed package.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fra.errors import ConfigError, FraError
+
+log = logging.getLogger(__name__)
+
+# Ray Data's Parquet datasource packs row groups into 128 MiB read tasks: small shard sets would
+# become one task (RAY_NOTES §2). fra's shards are small-row-group files; read them in parallel.
+PARQUET_BIN_PACKING_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
+
+
+def cluster_address(address: str = "") -> str | None:
+    """The address of the cluster to join, or None when fra should start a local Ray.
+
+    ``address``: "" = auto-detect (``RAY_ADDRESS``, then a ``ray start`` on this node); "auto" =
+    a running cluster must exist; "local" = always start a local Ray; anything else = that address.
+    """
+    if address == "local":
+        return None
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(address or None)
+    except ConnectionError as exc:
+        raise FraError(f"ray.address={address!r}: no running Ray cluster found ({exc}). Start one with "
+                       "`ray start --head`, set RAY_ADDRESS, or leave ray.address empty to start a local Ray") from exc
+
+
+def init_ray(*, address: str = "", num_cpus: int = 0, dashboard: bool = False, **local_kwargs) -> str:
+    """Join a running cluster or start a local Ray (module docstring).
+
+    Args:
+        address: see :func:`cluster_address`.
+        num_cpus: logical CPUs of a *local* Ray (0 = max(4, cores): the data path needs CPUs beside
+            the training workers, RAY_NOTES §2); ignored when joining.
+        dashboard: start the dashboard with a local Ray (its State API lets Ray Train free the
+            placement groups of stopped trials); a cluster has its own.
+        local_kwargs: further ``ray.init`` arguments for a local Ray only.
+
+    Returns:
+        "initialized" (Ray was already up in this process), "joined" or "local".
+    """
+    import ray
+
+    os.environ.setdefault(PARQUET_BIN_PACKING_ENV, str(8 << 20))
+    if ray.is_initialized():
+        return "initialized"
+    found = cluster_address(address)
+    if found:
+        ray.init(address=found)
+        log.info("joined the Ray cluster at %s (%d node(s))", found, alive_nodes())
+        return "joined"
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=dashboard, **local_kwargs)
+    return "local"
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def cluster_capacity() -> dict[str, float]:
+    """What the cluster has or may grow to: per resource, the larger of the live total and the
+    autoscaler's maximum (an autoscaling cluster with ``min_workers: 0`` starts with no GPU)."""
+    import ray
+    from ray._private.state import state as ray_state
+
+    now = ray.cluster_resources()
+    try:
+        grow = ray_state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - no autoscaler: what is there is all there will be
+        grow = {}
+    return {k: max(float(now.get(k, 0.0)), float(grow.get(k, 0.0))) for k in set(now) | set(grow)}
+
+
+def is_multinode() -> bool:
+    """True when Ray is up and the cluster has (or may grow to) more than one node."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    if alive_nodes() > 1:
+        return True
+    from ray._private.state import state as ray_state
+
+    try:
+        return bool(ray_state.get_max_resources_from_cluster_config())  # an autoscaling cluster
+    except Exception:  # noqa: BLE001 - no autoscaler config: a fixed local cluster
+        return False
+
+
+def check_shared_location(what: str, location: str) -> None:
+    """Refuse a node-local path for something every node must reach, on a multi-node cluster."""
+    if "://" in location or not is_multinode():
+        return
+    raise ConfigError(f"{what}={location!r} is a local path, but this Ray cluster has several nodes: each "
+                      "node would see its own disk (a job's working directory is also deleted when it ends). "
+                      "Use shared storage, e.g. s3://<bucket>/fra/... ($FRA_STORAGE_PATH on the cluster)")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse an MLflow store on a node-local file when workers on other nodes log to it."""
+    node_local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    if not uri or not node_local or not is_multinode():
+        return
+    raise ConfigError(f"MLflow tracking URI {uri!r} is a file on this node, but Train workers on other nodes "
+                      "log to it too (their metrics would be lost). Set MLFLOW_TRACKING_URI (or "
+                      "tracking.mlflow_uri) to the cluster's MLflow server, e.g. http://<head>:5000")
+
+
+# ---- which copy of fra is running ------------------------------------------------------------
+def code_origin() -> dict:
+    """Where this process's fra comes from: ``{"path", "fingerprint"}``.
+
+    The fingerprint hashes every ``.py`` file of the package (relative name and bytes), so two
+    nodes running the same shipped code agree even though their paths differ.
+
+    Raises:
+        FraError: fra modules of this process come from more than one directory.
+    """
+    import fra
+
+    root = Path(fra.__file__).resolve().parent
+    mixed = sorted({str(Path(m.__file__).resolve()) for name, m in list(sys.modules.items())
+                    if (name == "fra" or name.startswith("fra.")) and getattr(m, "__file__", None)
+                    and not Path(m.__file__).resolve().is_relative_to(root)})
+    if mixed:
+        raise FraError(f"two copies of fra are mixed in this process: the package is {root} but "
+                       f"{mixed[:3]} come from elsewhere. Install fra on the nodes from the same checkout "
+                       "you submit, or let the job's --working-dir copy be the only one on sys.path")
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return {"path": str(root), "fingerprint": h.hexdigest()[:16]}
+
+
+def check_worker_code(expected: dict | None, where: str) -> dict:
+    """In a worker: this process's :func:`code_origin`, checked against the driver's (``expected``).
+
+    Raises:
+        FraError: the worker imports different fra code than the driver (e.g. a node's installed
+            package instead of the job's working directory), or a mix of copies.
+    """
+    mine = code_origin()
+    if expected and mine["fingerprint"] != expected.get("fingerprint"):
+        raise FraError(f"{where}: this worker runs fra from {mine['path']} (code {mine['fingerprint']}) but the "
+                       f"driver runs {expected.get('path')} (code {expected.get('fingerprint')}): the node's "
+                       "installed fra and the submitted working directory disagree")
+    return mine
+
+
+__all__ = ["cluster_address", "init_ray", "alive_nodes", "cluster_capacity", "is_multinode", "check_shared_location",
+           "check_tracking_uri", "code_origin", "check_worker_code", "PARQUET_BIN_PACKING_ENV"]
