@@ -91,6 +91,9 @@ def load_benchmark(path: str | Path, overrides=()) -> BenchmarkConfig:
     """Read, override, substitute and validate; every cell's configs are checked before anything runs."""
     raw = apply_overrides(load_yaml(path), list(overrides))
     name = str(raw.get("name", Path(path).stem))
+    if "://" in str(raw.get("storage_path", "")):
+        raise ConfigError(f"{path}: the method benchmark keeps its table and state in a local folder; "
+                          "storage_path must be a path, not a URI")
     storage = str(Path(raw.get("storage_path", f"runs/{name}")).expanduser().resolve())
     raw = _substitute(raw, {"storage": storage, "name": name})
     raw["storage_path"], raw["name"] = storage, name

@@ -147,3 +147,17 @@ def test_code_origin_refuses_two_copies(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "fra.stray_copy", stray)
     with pytest.raises(FraError, match="two copies of fra"):
         code_origin()
+
+
+def test_cluster_capacity_counts_what_the_autoscaler_may_add(monkeypatch):
+    """An autoscaling cluster with min_workers: 0 starts with no GPU; a sweep must not be refused."""
+    import ray
+    from ray._private.state import state as ray_state
+
+    from fra.ray_runtime import cluster_capacity
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "memory": 1e9})
+    monkeypatch.setattr(ray_state, "get_max_resources_from_cluster_config", lambda: {"CPU": 32.0, "GPU": 4.0})
+    assert cluster_capacity() == {"CPU": 32.0, "GPU": 4.0, "memory": 1e9}
+    monkeypatch.setattr(ray_state, "get_max_resources_from_cluster_config", lambda: None)
+    assert cluster_capacity() == {"CPU": 8.0, "memory": 1e9}

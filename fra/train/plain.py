@@ -79,6 +79,9 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
     if cfg.model.method == "swav" and cfg.model.swav.total_crops != 2:
         raise ConfigError(f"the plain runner makes two views; model.swav.nmb_crops={list(cfg.model.swav.nmb_crops)} "
                           "needs the multi-crop stream: run without --plain (or use one group of 2 crops)")
+    if "://" in cfg.run.storage_path:
+        raise ConfigError(f"run.storage_path={cfg.run.storage_path!r}: the plain runner (one process, no Ray) writes "
+                          "to a local folder; run without --plain to train on Ray with storage on a URI")
     torch.manual_seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
