@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fra.data.synthetic import PARTS, SyntheticFaces
 from fra.errors import DataError
-from fra.evaluation.region_score import nmi, region_awareness, render_masks, score_model
+from fra.evaluation.region_score import nmi, oracle_labels, region_awareness, render_masks, score_model
 
 SPEC = SyntheticFaces(num_identities=20, images_per_identity=2, size=112)
 
@@ -80,6 +80,51 @@ def test_rejects_bad_inputs(masks):
         region_awareness(torch.rand(8, 4, 7, 7), masks + 7)
 
 
+@pytest.fixture(scope="module")
+def masks128():
+    """48 held-out aligned-pose faces at 128 px (a 4 x 4 map at stride 32)."""
+    spec = SyntheticFaces(num_identities=120, images_per_identity=2, size=64)
+    return render_masks(spec, 48, 128)[1]
+
+
+def _block_majority(masks: np.ndarray, cells: int) -> np.ndarray:
+    """(N, cells, cells) majority non-background part of each (S / cells)-pixel block, 0 if none."""
+    n, size, _ = masks.shape
+    b = size // cells
+    blocks = masks.reshape(n, cells, b, cells, b).transpose(0, 1, 3, 2, 4).reshape(n, cells, cells, b * b)
+    counts = np.stack([(blocks == p).sum(-1) for p in range(len(PARTS))], axis=-1)
+    counts[..., 0] = 0  # background pixels are not scored
+    best = counts.argmax(-1)
+    return np.where(counts.max(-1) > 0, best, 0)
+
+
+def test_anchors_collapsed_is_0_oracle_is_1_random_maps_about_0(masks128):
+    """The normalised score (model - floor) / (oracle - floor), with the floor a collapsed map and
+    the oracle each 4 x 4 cell's majority part, both computed here by hand."""
+    n, k = len(masks128), 4
+    collapsed = torch.zeros(n, k, 4, 4)
+    collapsed[:, 2] = 1.0  # one query everywhere
+    out = region_awareness(collapsed.softmax(dim=1), masks128, grid=(4, 4))
+    assert out["nmi"] == pytest.approx(0.0, abs=1e-12) and out["floor_nmi"] == pytest.approx(0.0, abs=1e-12)
+    assert out["norm_nmi"] == pytest.approx(0.0, abs=1e-9) and out["norm_miou"] == pytest.approx(0.0, abs=1e-9)
+    # the oracle as heat maps: one-hot of each cell's majority part, upsampled as any heat map
+    major = torch.from_numpy(_block_majority(masks128, 4)).long()
+    assert torch.equal(oracle_labels(masks128, (4, 4))[:, 16::32, 16::32], major)  # block centres
+    onehot = F.one_hot(major, len(PARTS)).permute(0, 3, 1, 2).float()
+    best = region_awareness((onehot / 0.01).softmax(dim=1), masks128, grid=(4, 4))
+    assert best["nmi"] == pytest.approx(best["oracle_nmi"], abs=1e-9)
+    assert best["norm_nmi"] == pytest.approx(1.0, abs=1e-9) and best["norm_miou"] == pytest.approx(1.0, abs=1e-9)
+    # random 4 x 4 maps: NMI at the collapsed floor; their mIoU falls *below* a collapsed map's
+    for seed in (1, 2):
+        heat = torch.randn(n, k, 4, 4, generator=torch.Generator().manual_seed(seed)).softmax(dim=1)
+        rand = region_awareness(heat, masks128, grid=(4, 4), seed=seed)
+        assert abs(rand["norm_nmi"]) < 0.05 and abs(rand["random_norm_nmi"]) < 0.05, rand["norm_nmi"]
+        assert rand["norm_miou"] < 0.0
+    # at 64 px (a 2 x 2 map) even the oracle tells little apart (issue 18: NMI ~0.08)
+    coarse = render_masks(SyntheticFaces(num_identities=120, images_per_identity=2, size=64), 48, 64)[1]
+    assert region_awareness(collapsed[..., :2, :2], coarse, grid=(2, 2))["oracle_nmi"] < best["oracle_nmi"] / 2
+
+
 def test_score_model_with_random_init_baseline():
     from fra.config import ModelConfig
     from fra.data.augment import VGGFACE2_MEAN, VGGFACE2_STD
@@ -91,7 +136,10 @@ def test_score_model_with_random_init_baseline():
                       baseline=True, batch_size=2)
     for key in ("miou", "best_iou", "nmi", "random_miou", "random_nmi", "init_miou", "init_nmi"):
         assert 0.0 <= out[key] <= 1.0, key
-    assert out["num_queries"] == 4 and out["n_images"] == 4 and out["mode"] == "proto"
+    assert out["num_queries"] == 4 and out["n_images"] == 4 and out["mode"] == "batch"  # as training
+    assert out["score_size"] == 128 and out["grid"] == [4, 4]  # 64 px training: scored on 128 px faces
+    assert out["gain_norm_nmi"] == pytest.approx(out["norm_nmi"] - out["init_norm_nmi"])
+    assert 0.0 <= out["oracle_nmi"] <= 1.0 and out["floor_nmi"] == 0.0
     assert model.training  # compute_heatmaps restores the mode
     with pytest.raises(DataError, match="no region heat maps"):
         score_model(SimpleNamespace(cfg=ModelConfig(method="byol")), SPEC, 4, 64, VGGFACE2_MEAN, VGGFACE2_STD)
