@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fra.benchmark import BenchmarkConfig, aggregate, load_benchmark, run_benchmark, table_markdown
+from fra.experiments.benchmark import BenchmarkConfig, aggregate, load_benchmark, run_benchmark, table_markdown
 from fra.config import from_dict
 from fra.errors import ConfigError
 
@@ -43,7 +43,7 @@ def test_shipped_benchmark_is_valid_and_fair():
     cfg = load_benchmark(PIPELINES / "benchmark_synthetic.yaml")
     assert [m.method for m in cfg.methods] == ["random", "byol", "swav", "fra"] and len(cfg.seeds) >= 3
     assert set(cfg.evaluate) == {"linear", "finetune"}
-    from fra.benchmark import pretrain_config
+    from fra.experiments.benchmark import pretrain_config
 
     trained = [pretrain_config(cfg, m, 0) for m in cfg.methods if m.method != "random"]
     # Same backbone, data, epochs, batch and workers for every method.
@@ -53,6 +53,16 @@ def test_shipped_benchmark_is_valid_and_fair():
         values = {repr(getattr(getattr(p, first), rest[0])) for p in trained}
         assert len(values) == 1, (attr, values)
     assert [p.model.method for p in trained] == ["byol", "swav", "fra"]
+    # The references' learning rates, not scaled by the batch: LARS 0.9 (FRA_SPEC §7) and FRL
+    # run.sh's LARC 4.8 / warm-up from 0.3 / final 0.0048 (the trust ratio makes both batch-free).
+    from fra.config import effective_lr
+
+    for p in trained:
+        o = p.optim
+        if o.optimizer == "lars":
+            assert effective_lr(o) == 0.9, (p.model.method, o)
+        else:
+            assert (o.optimizer, o.lr, o.start_warmup, o.final_lr, o.lr_scaling) == ("larc", 4.8, 0.3, 0.0048, "none")
 
 
 @pytest.mark.parametrize("change, match", [
