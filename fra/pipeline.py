@@ -233,13 +233,14 @@ def _ensure_ray(cfg: PipelineConfig) -> None:
 
 def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict:
     """Run (or resume) every stage; returns the outputs per stage."""
-    from fra.pipeline_stages import STAGE_RUNNERS
+    from fra.pipeline_stages import STAGE_RUNNERS, StageContext
     from fra.ray_runtime import code_origin
 
     storage = cfg.storage_path
     _ensure_ray(cfg)
     state = PipelineState(st.join(storage, "pipeline_state.json"))
     state.note_code(code_origin())
+    ctx = StageContext(storage, tracking_uri(cfg))
     outputs: dict[str, dict] = {}
     for stage in cfg.stages:
         stage_cfg = stage_config(cfg, stage)
@@ -253,7 +254,7 @@ def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> di
         state.invalidate_from(stage)
         echo(f"[{stage}] running ...")
         t0 = time.perf_counter()
-        outputs[stage] = STAGE_RUNNERS[stage](cfg, stage_cfg, outputs)
+        outputs[stage] = STAGE_RUNNERS[stage](ctx, stage_cfg, outputs)
         state.record(stage, digest, outputs[stage], time.perf_counter() - t0)
         echo(f"[{stage}] done in {time.perf_counter() - t0:.0f} s")
     return outputs

@@ -1,12 +1,14 @@
 """The stage functions of :mod:`fra.pipeline`: each calls one library entry point.
 
-A stage receives the pipeline config, its own typed config and the outputs of the stages
-before it, and returns a JSON-able dict of its outputs (paths, metrics, versions).
+A stage receives the pipeline's :class:`StageContext`, its own typed config and the outputs of
+the stages before it, and returns a JSON-able dict of its outputs (paths, metrics, versions).
+This module knows nothing of :mod:`fra.pipeline`, which calls it.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from fra import storage as st
@@ -15,7 +17,15 @@ from fra.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def run_shards(cfg, jobs, outputs: dict) -> dict:
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage may need from the pipeline around it."""
+
+    storage_path: str  # the pipeline's storage (absolute path or URI)
+    tracking_uri: str  # the resolved MLflow tracking URI
+
+
+def run_shards(ctx: StageContext, jobs, outputs: dict) -> dict:
     from fra.data.shards import write_shards
 
     done = {}
@@ -28,7 +38,7 @@ def run_shards(cfg, jobs, outputs: dict) -> dict:
     return done
 
 
-def run_pretrain(cfg, pre, outputs: dict) -> dict:
+def run_pretrain(ctx: StageContext, pre, outputs: dict) -> dict:
     from fra.train.ray_trainer import pretrain_ray
 
     res = pretrain_ray(pre)
@@ -37,7 +47,7 @@ def run_pretrain(cfg, pre, outputs: dict) -> dict:
             "mlflow_run_id": res.mlflow_run_id, "manifest_fingerprint": res.manifest_fingerprint}
 
 
-def run_sweep(cfg, sweep, outputs: dict) -> dict:
+def run_sweep(ctx: StageContext, sweep, outputs: dict) -> dict:
     from fra.tuning import run_sweep as sweep_fn
 
     res = sweep_fn(sweep, resume=True)
@@ -58,7 +68,7 @@ def _backbone_for_evaluation(fer, outputs: dict) -> str:
     raise ConfigError("evaluate.backbone.source is 'auto' but no pretrain or sweep stage ran before it")
 
 
-def run_evaluate(cfg, fer, outputs: dict) -> dict:
+def run_evaluate(ctx: StageContext, fer, outputs: dict) -> dict:
     from fra.evaluation.fer import evaluate_fer
 
     source = _backbone_for_evaluation(fer, outputs)
@@ -69,8 +79,7 @@ def run_evaluate(cfg, fer, outputs: dict) -> dict:
             "mlflow_run_id": res.mlflow_run_id}
 
 
-def run_register(cfg, reg, outputs: dict) -> dict:
-    from fra.pipeline import tracking_uri
+def run_register(ctx: StageContext, reg, outputs: dict) -> dict:
     from fra.registry import fer_metrics_from_results, register_backbone
 
     if "evaluate" in outputs:
@@ -80,19 +89,18 @@ def run_register(cfg, reg, outputs: dict) -> dict:
         source, metrics, protocol, fingerprint = outputs["pretrain"]["export_dir"], {}, "", ""
     else:
         raise ConfigError("the register stage needs a pretrain or evaluate stage before it")
-    info = register_backbone(source, reg.name, tracking_uri=tracking_uri(cfg), fer_metrics=metrics,
+    info = register_backbone(source, reg.name, tracking_uri=ctx.tracking_uri, fer_metrics=metrics,
                              eval_protocol=protocol, dataset_fingerprint=fingerprint)
     return {"name": reg.name, "version": int(info.version), "metrics": metrics, "protocol": protocol,
             "dataset_fingerprint": fingerprint}
 
 
-def run_promote(cfg, prom, outputs: dict) -> dict:
-    from fra.pipeline import tracking_uri
+def run_promote(ctx: StageContext, prom, outputs: dict) -> dict:
     from fra.registry_promotion import promote
 
     reg = outputs["register"]
     decision = promote(reg["name"], reg["version"], gate_metric=prom.gate_metric, margin=prom.margin,
-                       mode=prom.mode, tracking_uri=tracking_uri(cfg))
+                       mode=prom.mode, tracking_uri=ctx.tracking_uri)
     return decision.to_dict()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fra.benchmark import BenchmarkConfig, BenchmarkMethod
+from fra.experiments.benchmark import BenchmarkConfig, BenchmarkMethod
 from fra.config import PretrainConfig, load_config
 from fra.errors import ConfigError
 from fra.evaluation.fer import FERConfig
@@ -223,7 +223,7 @@ def _shipped(folder):
 
 @pytest.mark.parametrize("path", _shipped("pipelines"), ids=lambda p: p.name)
 def test_shipped_pipelines_load(path):
-    from fra.benchmark import is_benchmark_file, load_benchmark
+    from fra.experiments.benchmark import is_benchmark_file, load_benchmark
     from fra.pipeline import load_pipeline
 
     raw = yaml.safe_load(path.read_text())

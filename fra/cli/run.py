@@ -63,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fra import storage as st
-    from fra.benchmark import is_benchmark_file
+    from fra.experiments.benchmark import is_benchmark_file
     from fra.pipeline import load_pipeline, run_pipeline
 
     if is_benchmark_file(args.pipeline):  # kind: benchmark (pipelines/benchmark_synthetic.yaml)
-        from fra.benchmark import load_benchmark, run_benchmark
+        from fra.experiments.benchmark import load_benchmark, run_benchmark
 
         bench = load_benchmark(args.pipeline, args.overrides)
         if args.dry_run:

@@ -1,5 +1,8 @@
 """Method benchmark: random init vs BYOL vs SwAV (FRL's recipe) vs FRA under one budget.
 
+An experiment built on the pipeline (its shard stage, pretraining and FER evaluation), not part
+of it: nothing in fra's library imports this module; `fra run` dispatches ``kind: benchmark`` here.
+
 ``fra run pipelines/benchmark_synthetic.yaml`` (a pipeline file with ``kind: benchmark``):
 
 1. writes the FER shards once (identity-disjoint synthetic faces);
@@ -276,7 +279,7 @@ def _log_mlflow(cfg: BenchmarkConfig, rows: dict, files: list[Path]) -> str | No
 def run_benchmark(cfg: BenchmarkConfig, echo: Callable[[str], None] = print) -> dict:
     """Run (or resume) every cell, then write and log the table. Returns the aggregated rows."""
     from fra.pipeline import _ensure_ray
-    from fra.pipeline_stages import run_shards
+    from fra.pipeline_stages import StageContext, run_shards
 
     storage = Path(cfg.storage_path)
     storage.mkdir(parents=True, exist_ok=True)
@@ -284,7 +287,7 @@ def run_benchmark(cfg: BenchmarkConfig, echo: Callable[[str], None] = print) -> 
     state = BenchmarkState(storage / "benchmark_state.json")
     if cfg.shards:
         echo(f"[shards] {len(cfg.shards)} job(s) (finished shards are verified and skipped)")
-        run_shards(cfg, cfg.shards, {})
+        run_shards(StageContext(cfg.storage_path, tracking_uri(cfg)), cfg.shards, {})
     cells = {}
     total = len(cfg.methods) * len(cfg.seeds)
     for i, (m, seed) in enumerate(((m, s) for m in cfg.methods for s in cfg.seeds), start=1):
