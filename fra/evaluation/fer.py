@@ -31,12 +31,12 @@ import dataclasses
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import field
 from typing import Any
 
 from fra.config import bounded, config, location, one_of, path_component, to_dict
 from fra.errors import ConfigError
+from fra.evaluation.report import FERResult  # defined beside the code that builds it; re-exported here
 
 log = logging.getLogger(__name__)
 
@@ -129,32 +129,6 @@ class FERConfig:
     backbone: FERBackbone = field(default_factory=FERBackbone)
     tracking: FERTracking = field(default_factory=FERTracking)
     run: FERRun = field(default_factory=FERRun)
-
-
-@dataclass
-class FERResult:
-    """What one evaluation produced (accuracies in %)."""
-
-    top1_last: float
-    top1_mean_last5: float  # mean over the last ``run.last_k`` evaluations (headline)
-    top1_best: float  # best epoch, selected on the test set (reference; optimistic)
-    best_epoch: int
-    mean_class_acc: float
-    per_class_acc: dict[str, float | None]
-    macro_f1: float
-    confusion: list[list[int]]
-    classes: list[str]
-    results_path: str | Path  # a local path or a URI, as run.storage_path
-    run_dir: str | Path
-    model_path: str | Path | None = None
-    top1_at_val_best: float | None = None  # test top-1 at the epoch chosen on validation
-    val_best_epoch: int | None = None
-    backbone: dict = field(default_factory=dict)
-    backbone_unchanged: bool | None = None
-    mlflow_run_id: str | None = None
-    seconds: float = 0.0
-    summary: dict = field(default_factory=dict, repr=False)
-    history: list[dict] = field(default_factory=list, repr=False)
 
 
 def resolve_optim(cfg: FERConfig) -> dict[str, Any]:

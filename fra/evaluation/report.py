@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fra.config import dump_yaml, flatten
@@ -18,6 +19,32 @@ from fra.evaluation.metrics import plot_confusion, summarise
 from fra.utils.io import atomic_torch_save, atomic_write_json
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class FERResult:
+    """What one evaluation produced (accuracies in %)."""
+
+    top1_last: float
+    top1_mean_last5: float  # mean over the last ``run.last_k`` evaluations (headline)
+    top1_best: float  # best epoch, selected on the test set (reference; optimistic)
+    best_epoch: int
+    mean_class_acc: float
+    per_class_acc: dict[str, float | None]
+    macro_f1: float
+    confusion: list[list[int]]
+    classes: list[str]
+    results_path: str | Path  # a local path or a URI, as run.storage_path
+    run_dir: str | Path
+    model_path: str | Path | None = None
+    top1_at_val_best: float | None = None  # test top-1 at the epoch chosen on validation
+    val_best_epoch: int | None = None
+    backbone: dict = field(default_factory=dict)
+    backbone_unchanged: bool | None = None
+    mlflow_run_id: str | None = None
+    seconds: float = 0.0
+    summary: dict = field(default_factory=dict, repr=False)
+    history: list[dict] = field(default_factory=list, repr=False)
 
 
 def write_outputs(cfg, out: dict, context: dict, location: str, classes: list[str], seconds: float):
@@ -30,7 +57,6 @@ def write_outputs(cfg, out: dict, context: dict, location: str, classes: list[st
     import tempfile
 
     from fra import storage as st
-    from fra.evaluation.fer import FERResult
 
     staging = None if st.is_uri(location) else Path(location)
     if staging is None:
