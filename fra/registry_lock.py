@@ -20,7 +20,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
-from fra.registry import RegistryError, call
+from fra.registry.connection import RegistryError, call
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,9 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from fra.errors import FraError
-from fra.registry import (CHAMPION, DATASET_TAG, METRIC_TAG_PREFIX, PROTOCOL_TAG, READY, STATUS_TAG, ModelVersionInfo,
-                          RegistryError, call, champion_version, check_reachable, client, get_version, resolve_uri)
+from fra.registry.connection import (CHAMPION, DATASET_TAG, METRIC_TAG_PREFIX, PROTOCOL_TAG, READY, STATUS_TAG,
+                                     ModelVersionInfo, RegistryError, call, champion_version, check_reachable, client,
+                                     get_version, resolve_uri)
 from fra.registry_lock import LockConflict, check_held, promotion_lock
 
 log = logging.getLogger(__name__)

@@ -287,7 +287,7 @@ def test_dead_server_fails_fast_and_registers_nothing(export_dir, tmp_path, monk
 
 
 def test_failure_after_logging_leaves_no_ready_version(registry, export_dir, monkeypatch):
-    import fra.registry as reg_mod
+    import fra.registry.registration as reg_mod
 
     uri, name = registry["uri"], "fra-r18-broken"
 
@@ -309,7 +309,7 @@ def test_failure_after_logging_leaves_no_ready_version(registry, export_dir, mon
 def test_transient_failures_are_retried_with_backoff(monkeypatch):
     from mlflow.exceptions import MlflowException, RestException
 
-    import fra.registry as reg_mod
+    import fra.registry.connection as reg_mod
 
     sleeps = []
     monkeypatch.setattr(reg_mod.time, "sleep", sleeps.append)
