@@ -208,7 +208,8 @@ def test_multicrop_shapes_through_the_stream(ray_local, tmp_path):
 @pytest.mark.slow
 def test_swav_trains_on_ray_and_exports_an_frl_checkpoint(ray_local, tmp_path):
     from fra.checkpoint import load_backbone
-    from fra.train.ray_trainer import FRL_EXPORT, pretrain_ray
+    from fra.train.export import FRL_EXPORT
+    from fra.train.ray_trainer import pretrain_ray
 
     out = pretrain_ray(_config(tmp_path, "swav", SWAV))
     rv = out.return_value

@@ -1,8 +1,9 @@
 """Single-process pretraining with the plain loop (no Ray): the quickest way to try FRA.
 
 Synthetic faces are rendered in process, two views are built with the same augmentation as
-the Ray Data path, and the loop of :mod:`fra.engine` trains. Checkpoints, an exported
-backbone and heat-map overlays land in ``<storage_path>/<name>/``.
+the Ray Data path, and the loop of :mod:`fra.engine` trains. The run ends as a Ray run does
+(:func:`fra.train.export.finalize_run`: ``final/`` and ``export/``); the resume checkpoint and
+heat-map overlays land beside them in ``<storage_path>/<name>/``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from fra.losses import build_loss
 from fra.models import build_model
 from fra.nonfinite import FiniteCheck
 from fra.optim import build_optimizer
-from fra.train.checkpointing import CHECKPOINT_FILE, export_backbone, load_checkpoint, restore, save_checkpoint
+from fra.train.checkpointing import CHECKPOINT_FILE, load_checkpoint, restore, save_checkpoint
+from fra.train.export import finalize_run
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class PlainResult:
     run_dir: Path
-    checkpoint: Path
+    checkpoint: Path  # <run>/final/checkpoint.pt (the resume checkpoint stays at <run>/checkpoint.pt)
     backbone: Path
+    model_card: Path
     heatmaps: list[Path]
     history: list[dict]
+    region_score: dict | None = None
 
 
 def _progress(metrics: dict, total: int) -> None:
@@ -127,10 +131,11 @@ def pretrain_plain(cfg: PretrainConfig, progress: bool = True) -> PlainResult:
     if progress:
         sys.stderr.write("\n")
     log.info("trained %d steps in %.1f s", state.step, time.perf_counter() - t0)
-    weights, _ = export_backbone(model, run_dir / "export", cfg, cfg.data.image_size, epoch=state.epoch)
+    out = finalize_run(cfg, ckpt_path, str(run_dir))
     heatmaps: list[Path] = []
     if cfg.model.method == "fra" and cfg.run.heatmaps_every_epoch:
         probes = synthetic_probe_images(cfg, run_dir / "probe")
         heatmaps = write_overlays(model, probes, run_dir / "heatmaps", cfg.data.image_size,
                                   mean, std, mode="batch")
-    return PlainResult(run_dir, ckpt_path, weights, heatmaps, state.history)
+    return PlainResult(run_dir, Path(out.checkpoint), Path(out.backbone), Path(out.model_card), heatmaps,
+                       state.history, out.region_score)

@@ -379,75 +379,19 @@ class TrainingStopped(FraError):
         self.status, self.checkpoint = status, checkpoint
 
 
-FRL_EXPORT = "frl_checkpoint.pth"  # SwAV runs: the model in FRL's release layout
-
-
 def finalize(cfg: PretrainConfig, result, run_dir: str, fingerprint: str) -> RayPretrainResult:
-    """Copy the final full checkpoint to ``<run>/final`` and export the backbone + model card."""
-    import shutil
+    """The final full checkpoint and the export through :func:`fra.train.export.finalize_run`, the
+    same function the plain runner ends with."""
+    from fra.train.checkpointing import CHECKPOINT_FILE
+    from fra.train.export import finalize_run
 
-    from fra import storage as st
-    from fra.models import build_model
-    from fra.train.checkpointing import CHECKPOINT_FILE, export_backbone, load_checkpoint, restore
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp)
-        with result.checkpoint.as_directory() as d:
-            shutil.copytree(d, local / "final")
-        model = build_model(cfg.model)
-        final_state = restore(load_checkpoint(local / "final" / CHECKPOINT_FILE), model, restore_rng=False)
-        rv = result.return_value or {}
-        region = region_score(cfg, model)
-        skipped = rv.get("skipped_corrupt_per_epoch", [])
-        extra = {"steps": rv.get("step"), "ray_checkpoint": result.checkpoint.path,
-                 "skipped_corrupt_images_per_epoch": skipped}
-        if any(skipped):
-            log.warning("corrupt images skipped while streaming, per epoch: %s", skipped)
-        if region:
-            extra["region_awareness"] = region
-        export_backbone(model, local / "export", cfg, cfg.data.image_size, manifest_fingerprint=fingerprint,
-                        extra_card=extra, epoch=final_state.epoch)
-        if cfg.model.method == "swav":  # also in FRL's release layout (FRL_SPEC §1.6)
-            from fra.models.swav import frl_checkpoint
-            from fra.utils.io import atomic_torch_save
-
-            atomic_torch_save(frl_checkpoint(model, rv.get("epoch", 0)), local / "export" / FRL_EXPORT)
-        for sub in ("final", "export"):
-            st.publish(local / sub, st.join(run_dir, sub))
-    return RayPretrainResult(run_dir, f"{run_dir}/final/{CHECKPOINT_FILE}", f"{run_dir}/export/backbone.pt",
-                             f"{run_dir}/export/model_card.json", rv, "", "", fingerprint, region)
-
-
-REGION_SCORE_IMAGES = 48
-
-
-def region_score(cfg: PretrainConfig, model) -> dict | None:
-    """Region-awareness of a finished FRA model on held-out synthetic faces (issue #8 §3).
-
-    Only runs with ground-truth part masks are scored: FRA on rendered synthetic faces
-    (``data.source: synthetic``); the test identities of the same generator are used. Returns
-    the headline numbers (matched mIoU, NMI) with the random-init model's and random heat
-    maps' as baselines, or None.
-    """
-    if cfg.model.method != "fra" or cfg.data.source != "synthetic":
-        return None
-    from fra.config import view_normalization
-    from fra.data.synthetic import SyntheticFaces
-    from fra.evaluation.region_score import score_model
-
-    s = cfg.data.synthetic
-    spec = SyntheticFaces(num_identities=s.num_identities, images_per_identity=s.images_per_identity, size=s.size,
-                          seed=s.seed, intensity=tuple(s.intensity), jitter=s.jitter, align=s.align)
-    mean, std = view_normalization(cfg)
-    n = min(REGION_SCORE_IMAGES, spec.split_size("test"))
-    if n == 0:
-        log.warning("region-awareness score skipped: the synthetic test split is empty")
-        return None
-    out = score_model(model.eval(), spec, n, cfg.data.image_size, mean, std, baseline=True, seed=cfg.run.seed)
-    keys = ("miou", "best_iou", "nmi", "init_miou", "init_best_iou", "init_nmi", "random_miou", "random_best_iou",
-            "random_nmi", "n_images")
-    score = {k: out[k] for k in keys if k in out}
-    log.info("region awareness on %d held-out faces: mIoU %.3f (random init %.3f, random maps %.3f), "
-             "NMI %.3f (random init %.3f)", score["n_images"], score["miou"], score["init_miou"],
-             score["random_miou"], score["nmi"], score["init_nmi"])
-    return score
+    rv = result.return_value or {}
+    skipped = rv.get("skipped_corrupt_per_epoch", [])
+    if any(skipped):
+        log.warning("corrupt images skipped while streaming, per epoch: %s", skipped)
+    with result.checkpoint.as_directory() as d:
+        out = finalize_run(cfg, Path(d) / CHECKPOINT_FILE, run_dir, fingerprint=fingerprint,
+                           extra_card={"ray_checkpoint": result.checkpoint.path,
+                                       "skipped_corrupt_images_per_epoch": skipped})
+    return RayPretrainResult(run_dir, out.checkpoint, out.backbone, out.model_card, rv, "", "", fingerprint,
+                             out.region_score)
