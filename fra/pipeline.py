@@ -64,7 +64,7 @@ class RayRuntime:
     address: str = ""  # "" = join the cluster this runs on if any (a job, RAY_ADDRESS, `ray start`), else start one
     # logical CPUs of a Ray that fra starts (0 = max(4, cores): the data path needs spare CPUs)
     num_cpus: int = bounded(0, ge=0)
-    dashboard: bool = False
+    dashboard: bool = True  # a local Ray's State API (Ray Train's placement-group cleaner needs it)
 
 
 @config("tracking")

@@ -46,14 +46,16 @@ def cluster_address(address: str = "") -> str | None:
                        "`ray start --head`, set RAY_ADDRESS, or leave ray.address empty to start a local Ray") from exc
 
 
-def init_ray(*, address: str = "", num_cpus: int = 0, dashboard: bool = False, **local_kwargs) -> str:
+def init_ray(*, address: str = "", num_cpus: int = 0, dashboard: bool = True, **local_kwargs) -> str:
     """Join a running cluster or start a local Ray (module docstring).
 
     Args:
         address: see :func:`cluster_address`.
         num_cpus: logical CPUs of a *local* Ray (0 = max(4, cores): the data path needs CPUs beside
             the training workers, RAY_NOTES §2); ignored when joining.
-        dashboard: start the dashboard with a local Ray (its State API lets Ray Train free the
+        dashboard: start the dashboard with a local Ray (on by default: Ray Train's placement-group
+            cleaner asks its State API whether a run's controller is alive, and without it prints
+            "Failed to query Ray Train Controller actor state" over and over and cannot free the
             placement groups of stopped trials); a cluster has its own.
         local_kwargs: further ``ray.init`` arguments for a local Ray only.
 

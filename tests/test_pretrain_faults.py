@@ -34,7 +34,8 @@ ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10", "OMP_NUM_THREADS": "1", "
 NODE = {"num_cpus": 3, "object_store_memory": 200 * 1024 * 1024}
 FAULT_CFG = ("scaling.num_workers=2", "scaling.cpus_per_worker=2", "scaling.max_failures=2",
              "scaling.placement_timeout_s=240", "run.checkpoint_every=4", "optim.epochs=1",
-             "data.synthetic.num_identities=20")  # one epoch of 128 faces = 16 steps (one data pass less)
+             "data.synthetic.num_identities=20",  # one epoch of 128 faces = 16 steps (one data pass less)
+             "run.checkpoint_upload=sync")  # exact resume points (an async upload cut short by a lost node is dropped)
 
 
 @pytest.fixture(scope="module")

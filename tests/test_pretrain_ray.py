@@ -217,8 +217,11 @@ def test_two_workers_survive_a_killed_worker_and_an_interrupted_run_continues(ra
     again with the same name resumes from step 8 and finishes the planned 16 steps."""
     from fra.train.ray_trainer import pretrain_ray
 
+    # NOTE: synchronous upload: the test pins the exact resume points, and an asynchronous upload still
+    # in flight when a worker dies is dropped (the run then resumes from the checkpoint before).
     cfg = tiny_config(tmp_path, "two", "scaling.num_workers=2", "scaling.max_failures=1", "run.checkpoint_every=4",
-                      "optim.epochs=1", "data.synthetic.num_identities=20")  # 1 epoch x 128 faces = 16 steps
+                      "optim.epochs=1", "data.synthetic.num_identities=20",  # 1 epoch x 128 faces = 16 steps
+                      "run.checkpoint_upload=sync")
     marker, run_dir = tmp_path / "killed", tmp_path / "two"
     with pytest.raises(FraError, match="re-run with the same run.name"):
         pretrain_ray(cfg, inject={"kill_at_step": 5, "kill_rank": 1, "marker": str(marker), "raise_at_step": 9,
