@@ -41,6 +41,33 @@ def test_tune_domains_sample_valid_configs():
     assert space["model.hidden_dim"] == {"grid_search": [32, 64]}
 
 
+def test_with_values_stays_typed_and_matches_the_mapping_route():
+    """A trial's config is the base config with sampled values set, without a dict round trip;
+    the result equals what loading base + values as a mapping gives, and is validated the same way."""
+    from fra.config import from_dict, to_dict
+    from fra.evaluation.fer import FERConfig
+    from fra.tuning.space import set_paths, with_values
+
+    base = from_dict(PretrainConfig, {"model": {"backbone": "resnet18", "num_proto": 4},
+                                      "optim": {"epochs": 3, "warmup_epochs": 1}})
+    values = {"model.num_proto": np.int64(8), "model.teacher_temp": np.float64(0.03), "optim.lr": 1,
+              "run.name": "train_t1"}
+    cfg = with_values(base, values)
+    assert isinstance(cfg, PretrainConfig) and cfg == from_dict(PretrainConfig, set_paths(to_dict(base), values))
+    assert type(cfg.model.num_proto) is int and type(cfg.optim.lr) is float  # coerced as on load
+    assert base.model.num_proto == 4  # the base is untouched
+    fer = with_values(from_dict(FERConfig, {}), {"data.augment.erase_p": 0.0, "protocol": "linear"})
+    assert fer.data.augment == {"erase_p": 0.0} and fer.protocol == "linear"
+    with pytest.raises(ConfigError, match="model.num_proto"):
+        with_values(base, {"model.num_proto": 0})
+    with pytest.raises(ConfigError, match="warmup_epochs"):  # a section's cross-field rule runs too
+        with_values(base, {"optim.warmup_epochs": 5})
+    with pytest.raises(ConfigError, match="did you mean 'num_proto'"):
+        with_values(base, {"model.num_protos": 8})
+    with pytest.raises(TypeError):
+        with_values(to_dict(base), values)
+
+
 @pytest.mark.parametrize("space, match", [
     ({"num_prot": {"choice": [4]}}, "did you mean 'num_proto'"),
     ({"hidden_dim": {"choice": [32]}}, "did you mean 'model.hidden_dim'"),
@@ -259,7 +286,7 @@ def test_best_pipeline_is_a_fra_run_pipeline_with_the_best_trial(tmp_path, capsy
     exp, tid = tmp_path / cfg.run.name, "fra_trial_00002"
     params = {"model.num_proto": 8, "model.teacher_temp": 0.031, "model.loss_weight": 0.42,
               "model.loss_w_cluster": 0.12}
-    setup = TrialSetup(base=to_dict(res.base), fer={}, objective=to_dict(cfg.objective), sweep_dir=str(exp))
+    setup = TrialSetup(base=res.base, fer=res.fer, objective=cfg.objective, sweep_dir=str(exp))
     dump_yaml(trial_pretrain_config(setup, params, tid), exp / "trials" / tid / "pretrain.yaml")
     (exp / "trials" / tid / "result.json").write_text(json.dumps({"trial_id": tid, "params": params,
                                                                   "report": {"objective": 41.0}}))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fra.config import (PretrainConfig, apply_overrides, bounded, config, from_dict, load_yaml, location, one_of,
-                        path_component, to_dict)
+                        path_component)
 from fra.errors import ConfigError
 from fra.tuning.space import Param, parse_space, set_paths
 
@@ -166,7 +166,7 @@ def resolve(cfg: SweepConfig) -> Resolved:
     base = from_dict(PretrainConfig, trial_overrides(cfg, cfg.pretrain), "pretrain")
     check_config(base)
     fer = from_dict(FERConfig, cfg.fer, "fer")
-    params = parse_space(cfg.space, to_dict(base))
+    params = parse_space(cfg.space, base)
     if not fer.data.shards and not cfg.synthetic_fer.enabled:
         raise ConfigError("fer.data.shards is empty: point it at FER shards (fra shards ...) "
                           "or set synthetic_fer.enabled=true")

@@ -11,7 +11,7 @@ Parameters are the familiar FRA names (:data:`ALIASES`) or full dotted paths int
 config. :func:`parse_space` rejects unknown names (with a suggestion), malformed ranges, values
 of the wrong type and values the config itself refuses (it builds the config at every end point
 and choice), all before Ray is touched; :func:`to_tune` turns the checked space into Ray Tune
-domains and :func:`apply_params` puts sampled values into a config.
+domains and :func:`apply_params` / :func:`with_values` put sampled values into a config.
 """
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ import difflib
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from fra.config import PretrainConfig, from_dict, to_dict
+from fra.config import PretrainConfig, from_dict
 from fra.errors import ConfigError
+
+T = TypeVar("T")
 
 ALIASES = {
     "num_proto": "model.num_proto",
@@ -109,7 +111,7 @@ def parse_space(space: dict | None, base: PretrainConfig | dict | None = None) -
     if not isinstance(space, dict) or not space:
         raise ConfigError("search space must be a non-empty mapping parameter -> {distribution: args}")
     leaves = leaf_types()
-    base_dict = to_dict(base) if dataclasses.is_dataclass(base) else copy.deepcopy(base or {})
+    base = base if dataclasses.is_dataclass(base) else copy.deepcopy(base or {})
     params, seen = [], {}
     for name, spec in _flat(space).items():
         path = resolve_name(name, leaves)
@@ -119,7 +121,7 @@ def parse_space(space: dict | None, base: PretrainConfig | dict | None = None) -
         param = _parse_one(name, path, spec, leaves[path])
         for value in param.candidates():
             try:
-                apply_params(base_dict, {path: value})
+                apply_params(base, {path: value})
             except ConfigError as exc:
                 raise ConfigError(f"search space: {name}={value!r} is not a valid config value: {exc}") from exc
         params.append(param)
@@ -205,10 +207,42 @@ def set_paths(data: dict, values: dict[str, Any]) -> dict:
     return out
 
 
-def apply_params(base: dict, params: dict[str, Any]) -> PretrainConfig:
-    """A validated :class:`PretrainConfig`: ``base`` (nested mapping) with dotted-path values set."""
+def with_values(cfg: T, values: dict[str, Any]) -> T:
+    """A copy of a typed config with dotted-path values set, validated like a loaded one.
+
+    Stays typed (no mapping round trip): each changed section is rebuilt with
+    ``dataclasses.replace``, whose construction runs the section's field checks and cross-field
+    rules; a path into a ``dict`` field (e.g. ``data.augment.erase_p``) sets a key of that dict.
+    """
+    if not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"with_values takes a typed config, got {type(cfg).__name__}")
+    for path, value in values.items():
+        cfg = _set_path(cfg, path.split("."), plain(value), path)
+    return cfg
+
+
+def _set_path(node: Any, parts: list[str], value: Any, path: str) -> Any:
+    head, rest = parts[0], parts[1:]
+    if isinstance(node, dict):
+        out = dict(node)
+        out[head] = _set_path(out.get(head, {}), rest, value, path) if rest else value
+        return out
+    names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+    if head not in names:
+        close = difflib.get_close_matches(head, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown config key {path!r}{hint}")
+    new = _set_path(getattr(node, head), rest, value, path) if rest else value
+    return dataclasses.replace(node, **{head: new})
+
+
+def apply_params(base: dict | PretrainConfig, params: dict[str, Any]) -> PretrainConfig:
+    """A validated :class:`PretrainConfig`: ``base`` (a typed config, or a nested mapping) with
+    dotted-path values set."""
+    if dataclasses.is_dataclass(base):
+        return with_values(base, params)
     return from_dict(PretrainConfig, set_paths(base, params))
 
 
 __all__ = ["ALIASES", "DISTRIBUTIONS", "Param", "leaf_types", "resolve_name", "parse_space", "to_tune",
-           "set_paths", "apply_params", "plain"]
+           "set_paths", "with_values", "apply_params", "plain"]

@@ -25,10 +25,11 @@ from ray.tune.schedulers import ASHAScheduler
 from fra import storage as st
 from fra.config import to_dict
 from fra.errors import ConfigError, FraError
+from fra.evaluation.fer import FERConfig
 from fra.tuning import report
 from fra.tuning.config import Resolved, SchedulerSettings, SweepConfig, check_resources, resolve
 from fra.tuning.mlflow_runs import MLflowTrials, log_sweep_summary, open_parent_run
-from fra.tuning.space import set_paths
+from fra.tuning.space import with_values
 from fra.ray_runtime import check_shared_location, cluster_capacity, init_ray
 
 log = logging.getLogger(__name__)
@@ -88,15 +89,14 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
     check_shared_location("run.storage_path", storage)
     concurrency = check_resources(cfg, res, cluster_capacity())
     check_state_api(cfg)
-    fer = set_paths(to_dict(res.fer), {"data.shards": fer_shards(cfg, res, exp_dir),
-                                       "protocol": cfg.objective.protocol})
+    fer = with_values(res.fer, {"data.shards": fer_shards(cfg, res, exp_dir), "protocol": cfg.objective.protocol})
     if res.base.data.source == "synthetic":  # render once here, not in every trial at the same time
         from fra.train.ray_trainer import prepare_data
 
         prepare_data(res.base, st.join(exp_dir, "train_runs"))
     st.write_text(st.join(exp_dir, "sweep.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
     uri, parent = open_parent_run(cfg, exp_dir)
-    setup = TrialSetup(base=to_dict(res.base), fer=fer, objective=to_dict(cfg.objective), sweep_dir=exp_dir,
+    setup = TrialSetup(base=res.base, fer=fer, objective=cfg.objective, sweep_dir=exp_dir,
                        scheduler_metric=cfg.scheduler.metric if cfg.scheduler.name != "none" else "")
     trainable = tune.with_resources(tune.with_parameters(fra_trial, setup=setup), {"CPU": cfg.resources.cpus})
     if resume and tune.Tuner.can_restore(exp_dir):
@@ -299,7 +299,7 @@ def fer_shards(cfg: SweepConfig, res: Resolved, exp_dir: str) -> str:
     return str(out)
 
 
-def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: str, fer: dict, uri: str,
+def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: str, fer: FERConfig, uri: str,
                   parent: str | None) -> SweepResult:
     """Table (CSV + console), plot, best config files, and the parent MLflow run's summary."""
     rows = report.collect_rows(grid, res.params, exp_dir)
@@ -311,8 +311,8 @@ def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: str, fer: dict
     files: dict[str, str] = {}
     done: dict = {}
     if best is not None:
-        fer_out = set_paths(fer, {"tracking.enabled": True})
-        files = report.write_best(best, exp_dir, cfg, fer_out, uri)
+        # The best pipeline's evaluate section: the trials' FER config, written as a mapping.
+        files = report.write_best(best, exp_dir, cfg, to_dict(with_values(fer, {"tracking.enabled": True})), uri)
         done = st.read_json(st.join(exp_dir, "trials", best["trial_id"], "result.json"))
         log.info("best trial %s: %s = %.4g -> %s", best["trial_id"], cfg.objective.metric, best["objective"],
                  files["config"])

@@ -30,9 +30,11 @@ import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from fra import storage as st
-from fra.config import from_dict, to_dict
+from fra.config import PretrainConfig, to_dict
 from fra.errors import FraError
-from fra.tuning.space import apply_params, plain, set_paths
+from fra.evaluation.fer import FERConfig
+from fra.tuning.config import ObjectiveSettings
+from fra.tuning.space import plain, with_values
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,11 @@ EPOCHS_FILE = "epochs.json"  # per trial: the results forwarded to Tune during p
 
 @dataclass(frozen=True)
 class TrialSetup:
-    """What every trial shares (plain values; shipped once through the object store)."""
+    """What every trial shares (typed configs; shipped once through the object store)."""
 
-    base: dict  # resolved PretrainConfig mapping (resources forced in)
-    fer: dict  # resolved FERConfig mapping (shards filled in)
-    objective: dict  # ObjectiveSettings as a mapping
+    base: PretrainConfig  # the resolved pretraining config (resources forced in)
+    fer: FERConfig  # the resolved FER config (shards and protocol filled in)
+    objective: ObjectiveSettings
     sweep_dir: str
     scheduler_metric: str = ""  # must appear in every result Tune receives (its strict metric check)
 
@@ -97,31 +99,29 @@ class ProxyReport(TuneReportCallback):
 def trial_pretrain_config(setup: TrialSetup, params: dict[str, Any], trial_id: str):
     """Base + sampled values, with the deterministic inner run name ``train_<trial_id>``."""
     fixed = {"run.name": f"train_{trial_id}", "run.storage_path": st.join(setup.sweep_dir, "train_runs")}
-    return apply_params(setup.base, {**params, **fixed})
+    return with_values(setup.base, {**params, **fixed})
 
 
 def trial_fer_config(setup: TrialSetup):
     """The chained evaluation's config: protocol and validation carve from the objective."""
-    from fra.evaluation.fer import FERConfig
-
     obj, fer = setup.objective, setup.fer
-    values = {"protocol": obj["protocol"], "tracking.enabled": False, "run.save_model": False,
+    values = {"protocol": obj.protocol, "tracking.enabled": False, "run.save_model": False,
               "run.storage_path": st.join(setup.sweep_dir, "fer_runs"),
               # NOTE: >= 1 worker: Train's local mode (0) would call ray.train APIs inside the Tune session.
-              "scaling.num_workers": max(1, int(fer.get("scaling", {}).get("num_workers", 1)))}
-    if not fer.get("data", {}).get("val_split"):
-        values["data.val_fraction"] = obj["val_fraction"]
-    return from_dict(FERConfig, set_paths(fer, values))
+              "scaling.num_workers": max(1, fer.scaling.num_workers)}
+    if not fer.data.val_split:
+        values["data.val_fraction"] = obj.val_fraction
+    return with_values(fer, values)
 
 
 def proxy_kwargs(setup: TrialSetup, fer_cfg) -> dict | None:
     """Arguments of the per-epoch probe (None when the proxy is off)."""
     obj = setup.objective
-    if obj["proxy"] == "none":
+    if obj.proxy == "none":
         return None
     return {"shards": fer_cfg.data.shards, "train_split": fer_cfg.data.train_split,
-            "holdout": obj["val_fraction"] or 0.2, "image_size": fer_cfg.data.image_size,
-            "max_rows": obj["proxy_max_rows"]}
+            "holdout": obj.val_fraction or 0.2, "image_size": fer_cfg.data.image_size,
+            "max_rows": obj.proxy_max_rows}
 
 
 def fer_metrics(result, metric: str) -> dict[str, float]:
@@ -191,7 +191,7 @@ def fra_trial(config: dict, setup: TrialSetup) -> None:
     t1 = time.time()
     fer = evaluate_fer(fer_cfg, pre["backbone"], run_name=f"fer_{trial_id}")
     report = {**last_epoch_metrics(epochs, setup.scheduler_metric),
-              **fer_metrics(fer, setup.objective["metric"]), "epoch": pre["epoch"],
+              **fer_metrics(fer, setup.objective.metric), "epoch": pre["epoch"],
               "pretrain_seconds": t1 - t0, "fer_seconds": time.time() - t1}
     st.write_json(done, {"trial_id": trial_id, "params": params, "report": report, "pretrain": pre,
                          "fer": {"results": str(fer.results_path), "run_dir": str(fer.run_dir)},
