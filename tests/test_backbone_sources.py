@@ -177,6 +177,26 @@ def test_mlflow_model_alias_and_run_artifact(mlflow_sources, reference):
         resolve_backbone("models:/no-such-model@champion", tracking_uri=uri)
 
 
+def test_an_mlflow_source_leaves_the_process_tracking_uri_alone(mlflow_sources, tmp_path):
+    """Loading from a given tracking URI must not re-point later MLflow use in the process: MLflow's
+    set_tracking_uri also sets $MLFLOW_TRACKING_URI, which fra's pipelines and registry honour."""
+    import os
+
+    import mlflow
+
+    uri, _, artifact = mlflow_sources
+    other = f"sqlite:///{tmp_path}/other.db"
+    mlflow.set_tracking_uri(other)
+    try:
+        assert resolve_backbone(artifact, tracking_uri=uri).kind == "mlflow"
+        assert os.environ.get("MLFLOW_TRACKING_URI") == other and mlflow.get_tracking_uri() == other
+        with pytest.raises(CheckpointError, match=f"cannot fetch from MLflow at {uri}"):
+            resolve_backbone("models:/no-such-model@champion", tracking_uri=uri)
+        assert os.environ.get("MLFLOW_TRACKING_URI") == other and mlflow.get_tracking_uri() == other
+    finally:
+        mlflow.set_tracking_uri(uri)  # as the module's fixture left it
+
+
 # ---- `fra evaluate fer` from every source --------------------------------------------------------
 @pytest.fixture(scope="module")
 def fer_shards(tmp_path_factory):

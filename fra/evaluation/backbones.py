@@ -159,8 +159,11 @@ def _from_mlflow(uri: str, arch: str, tracking_uri: str, trust_pickle: bool = Fa
         from mlflow.exceptions import MlflowException
     except ImportError as exc:  # pragma: no cover - mlflow is a dependency
         raise CheckpointError(f"{uri}: MLflow is not installed") from exc
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri:  # for this load only: MLflow's set_tracking_uri also sets $MLFLOW_TRACKING_URI for good
+        from fra.registry.connection import _fluent_uri
+
+        with _fluent_uri(tracking_uri):
+            return _from_mlflow(uri, arch, "", trust_pickle)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except (MlflowException, OSError) as exc:
