@@ -193,7 +193,8 @@ def test_sweep_chain_registers_the_best_trial_without_retraining(ray_local, tmp_
     assert "promotion: promoted" in printed and "sweep best pipeline:" in printed
 
     out = json.loads((tmp_path / "summary.json").read_text())
-    assert list(out) == ["shards", "sweep", "evaluate", "register", "promote"]  # no pretrain stage
+    # no pretrain stage (summary.json is written with sorted keys, so compare the sets)
+    assert set(out) == {"shards", "sweep", "evaluate", "register", "promote"}
     sweep = out["sweep"]
     train_runs = Path(sweep["experiment_dir"]) / "train_runs"
     trial_runs = sorted(p.name for p in train_runs.glob("train_*"))
