@@ -215,8 +215,15 @@ class RunSettings:
     keep_checkpoints: int = bounded(2, ge=1, why="the newest checkpoint is what a resume needs")
     max_steps: int = bounded(0, ge=0)  # 0 = the full schedule; >0 truncates (smoke tests)
     heatmaps_every_epoch: bool = True
-    collapse_patience: int = bounded(0, ge=0)  # logs with cluster CE at ln K before warning; 0 = off
-    collapse_action: str = one_of("warn", "stop")  # warn | stop
+    # Consecutive logs with the cluster CE (SwAV: its loss) at ln K or near-uniform heat maps before
+    # collapse_action; 0 = off. A model's first logs can sit near ln K while its regions form, so
+    # the window must outlast the start of a healthy run: 20 is the reference recipes' value
+    # (pretrain_vggface2 / pretrain_frl_swav: 1,000 steps at log_every 50, a sixth of a VGGFace2
+    # epoch at batch 512 and past FRL's 313-step prototype freeze); at the default log_every 10 it is 200 steps.
+    collapse_patience: int = bounded(20, ge=0)
+    # warn | stop (stop: checkpoints are held back while logs look collapsed, so the run's latest
+    # checkpoint is the last one written before the window began)
+    collapse_action: str = one_of("warn", "stop")
 
 
 @config("tracking")

@@ -61,7 +61,8 @@ class CollapseDetector:
         self.keys, self.label = keys, label
         self.ln_k = math.log(num_proto)
         self.patience, self.action, self.tol = patience, action, tol
-        self.count = 0
+        self.count = 0  # consecutive suspicious logs: > 0 while a window is open
+        self.since = -1  # step of the window's first suspicious log
         self.warned = False
 
     @property
@@ -87,12 +88,15 @@ class CollapseDetector:
             self.count, self.warned = 0, False
             return ""
         self.count += 1
+        if self.count == 1:
+            self.since = int(metrics.get("step", -1))
         if self.count < self.patience:
             return ""
         msg = (f"representation collapse suspected at step {int(metrics.get('step', -1))}: {reason} "
-               f"for {self.count} consecutive logs")
+               f"for {self.count} consecutive logs (since step {self.since})")
         if self.action == "stop":
-            raise CollapseError(msg + " (run.collapse_action=stop); the last checkpoint is kept")
+            raise CollapseError(msg + " (run.collapse_action=stop); the last checkpoint written before "
+                                "that first suspicious log is kept")
         if not self.warned:
             log.warning("%s", msg)
             self.warned = True

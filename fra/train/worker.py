@@ -189,6 +189,7 @@ class WorkerHooks:
         # Non-finite losses: flagged on the device every step, agreed over ranks at each check.
         self.finite = FiniteCheck(cfg.run.finite_check_every)
         self._last_checkpoint_t, self._checkpoint_due = time.monotonic(), False
+        self._pending: TrainState | None = None  # a checkpoint due at a log step, written once the log is judged
 
     def normalizer(self, x: torch.Tensor) -> torch.Tensor:
         x = self._normalize(x)
@@ -201,9 +202,29 @@ class WorkerHooks:
         self._maybe_inject(state)
         every, iters = self.cfg.run.checkpoint_every, self.plan["iters_per_epoch"]
         due = (every and state.step % every == 0) or self._checkpoint_due
-        if due and state.step % iters and state.step < self.plan["total_steps"]:
-            self._checkpoint_due = False
-            self.checkpoint(state, {"step": state.step, "epoch": state.epoch, **self.last_metrics})
+        if not (due and state.step % iters and state.step < self.plan["total_steps"]):
+            return
+        log_every = self.cfg.run.log_every
+        if log_every and state.step % log_every == 0:
+            # on_log follows at this step: its losses come from weights this checkpoint has moved
+            # past, so the checkpoint waits for the collapse detector's verdict on them.
+            self._pending = state
+        else:
+            self._mid_epoch_checkpoint(state)
+
+    def holding_checkpoints(self) -> bool:
+        """``collapse_action: stop`` and the logs look collapsed: no checkpoint is written until they
+        recover, so that when the detector stops the run its latest checkpoint is the last one
+        written before the window's first suspicious log (Ray's ``num_to_keep`` cannot push it
+        out either). Same answer on every rank (the detector sees worker-averaged metrics)."""
+        return self.cfg.run.collapse_action == "stop" and self.detector.enabled and self.detector.count > 0
+
+    def _mid_epoch_checkpoint(self, state: TrainState) -> None:
+        if self.holding_checkpoints():
+            self._checkpoint_due = True  # written at the first step after the logs recover
+            return
+        self._checkpoint_due = False
+        self.checkpoint(state, {"step": state.step, "epoch": state.epoch, **self.last_metrics})
 
     def on_log(self, metrics: dict) -> None:
         """Average over workers, feed the collapse detector, print progress, log to MLflow."""
@@ -215,8 +236,14 @@ class WorkerHooks:
         metrics = _all_reduce_metrics(metrics)
         if minutes and metrics.pop("since_checkpoint_s") >= 60 * minutes:
             self._checkpoint_due = True
+        if "collapse_from_step" in self.inject and metrics["step"] >= self.inject["collapse_from_step"]:
+            # test hook: from this step on, the detector's input reads as collapsed (loss at ln K)
+            metrics.update(dict.fromkeys(self.detector.keys, self.detector.ln_k))
         self.last_metrics = {k: v for k, v in metrics.items() if k.startswith("loss")}
         self.detector.update(metrics)  # identical input on every rank -> identical decision
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._mid_epoch_checkpoint(pending)
         if self.rank != 0:
             return
         self.tracker.log_metrics(metrics, metrics["step"])
@@ -249,8 +276,15 @@ class WorkerHooks:
                      stats.get("skipped_corrupt", 0))
             self.tracker.log_metrics({f"epoch/{k}": v for k, v in stats.items()}, state.step)
             self._heatmaps(state)
-        self.checkpoint(state, {"step": state.step, "epoch": state.epoch,
-                                **{k: v for k, v in stats.items() if k.startswith("loss")}})
+        metrics = {"step": state.step, "epoch": state.epoch, **{k: v for k, v in stats.items() if k.startswith("loss")}}
+        if self.holding_checkpoints() and state.step < self.plan["total_steps"]:
+            import ray.train
+
+            self._checkpoint_due = True
+            ray.train.report(metrics)  # the epoch's report (Tune's cadence), without a checkpoint
+            return
+        self._checkpoint_due = False
+        self.checkpoint(state, metrics)
 
     def checkpoint(self, state: TrainState, metrics: dict) -> None:
         """Rank 0 writes a full checkpoint atomically; every rank reports (Ray's barrier)."""
@@ -311,7 +345,8 @@ class WorkerHooks:
         self.tracker.log_artifact(out, f"heatmaps/{out.name}", cleanup=tmp)
 
     def _maybe_inject(self, state: TrainState) -> None:
-        """Test hooks: kill this worker process once, raise, or poison the next input."""
+        """Test hooks: kill this worker process once, raise, or poison the next input (and, in
+        :meth:`on_log`, ``collapse_from_step``)."""
         inj = self.inject
         if inj.get("kill_at_step") == state.step and inj.get("kill_rank", 0) == self.rank:
             marker = Path(inj["marker"])
