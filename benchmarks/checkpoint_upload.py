@@ -8,8 +8,8 @@ MLflow server) and submits ``fra pretrain pipelines/pretrain_demo.yaml`` twice w
 the same cluster (in the order given by --order, default alternating per repeat).
 
 Rank 0 logs every step to MLflow (``run.log_every=1``) with a wall-clock timestamp, so step i's
-duration is t_i - t_{i-1}. A checkpoint is written right after step k (k % every == 0) and lands
-in the duration of step k+1. Reported per mode: the median duration of steps that follow a
+duration is t_i - t_{i-1}. The checkpoint of step k (k % every == 0) is written by the step hook,
+which runs before that step's log line, so it lands in the duration of step k. Reported per mode: the median duration of steps that follow a
 checkpoint, of the other steps, and their difference (the checkpoint's cost on the training
 loop), plus the checkpoint size.
 
@@ -100,13 +100,13 @@ def main(argv=None) -> int:
                 run = client.search_runs([client.get_experiment_by_name("ckpt-bench").experiment_id],
                                          f"attributes.run_name = '{name}'")[0]
                 d = step_durations(client, run.info.run_id)
-                after = [v for k, v in d.items() if (k - 1) % args.every == 0 and k > 1]
-                other = [v for k, v in d.items() if (k - 1) % args.every != 0 and k > 2]
+                after = [v for k, v in d.items() if k % args.every == 0]
+                other = [v for k, v in d.items() if k % args.every != 0 and k > 2]
                 ck = [f for f in st.list_files(f"s3://fra-bench/runs/{name}", recursive=True)
                       if f.endswith("/checkpoint.pt")]
                 size = len(st.read_bytes(ck[0])) if ck else 0
                 row = {"mode": mode, "repeat": rep, "job_wall_s": round(wall, 1),
-                       "median_step_after_checkpoint_s": round(statistics.median(after), 3),
+                       "median_checkpoint_step_s": round(statistics.median(after), 3),
                        "median_other_step_s": round(statistics.median(other), 3),
                        "checkpoint_cost_s": round(statistics.median(after) - statistics.median(other), 3),
                        "n_after": len(after), "n_other": len(other), "checkpoint_mb": round(size / 2**20, 1)}
