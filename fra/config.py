@@ -14,7 +14,8 @@ from typing import Any
 
 from fra.errors import ConfigError
 from fra.typed_config import (apply_overrides, bounded, check_path_component, config, dump_yaml, flatten, from_dict,
-                              load_config, load_yaml, location, one_of, path_component, replace, to_dict)
+                              load_config, load_yaml, location, one_of, path_component, replace, to_dict,
+                              to_record)
 
 
 # --------------------------------------------------------------------------------------
@@ -303,6 +304,7 @@ __all__ = [
     "per_worker_batch",
     "from_dict",
     "to_dict",
+    "to_record",
     "flatten",
     "apply_overrides",
     "load_yaml",

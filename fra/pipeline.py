@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from fra import storage as st
 from fra.config import (PretrainConfig, apply_overrides, bounded, config, from_dict, load_yaml, location, one_of,
-                        path_component, to_dict)
+                        path_component, to_record)
 from fra.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,9 @@ def stage_config(cfg: PipelineConfig, stage: str):
 
 
 def config_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of ``obj`` as recorded (redacted): outputs read back from ``pipeline_state.json`` hash the
+    same as the live ones did, and no secret decides whether a stage re-runs."""
+    return hashlib.sha256(json.dumps(to_record(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class PipelineState:
@@ -248,7 +250,7 @@ def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> di
         digest = config_hash({"config": stage_cfg, "inputs": outputs})
         previous = state.done(stage, digest)
         if previous is not None:
-            echo(f"[{stage}] already done, skipping (outputs in {storage})")
+            echo(f"[{stage}] already done, skipping (outputs in {st.redact(storage)})")
             outputs[stage] = previous
             continue
         state.invalidate_from(stage)

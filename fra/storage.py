@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import shutil
 import tempfile
 import uuid
@@ -27,6 +26,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from fra.errors import DataError
+from fra.redaction import redact as redact_obj
+from fra.redaction import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 def redact(uri: str) -> str:
-    """``uri`` without credentials (``user:secret@`` and secret query parameters), for logs and files."""
-    uri = re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", str(uri))
-    return re.sub(r"(?i)((?:secret_key|access_key|session_token)=)[^&]*", r"\1***", uri)
+    """``uri`` without credentials (``user:secret@``, secret query parameters, the environment's
+    secret values), for logs and files: :func:`fra.redaction.redact_text`."""
+    return redact_text(uri)
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
@@ -183,11 +184,13 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> str:
 
 
 def write_text(location: str | os.PathLike, text: str) -> str:
-    return write_bytes(location, text.encode())
+    """Write ``text`` redacted (:func:`fra.redaction.redact_text`): no secret leaves in a file."""
+    return write_bytes(location, redact_text(text).encode())
 
 
 def write_json(location: str | os.PathLike, obj: Any) -> str:
-    return write_text(location, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write ``obj`` as JSON, redacted (:func:`fra.redaction.redact`, secret-named keys included)."""
+    return write_text(location, json.dumps(redact_obj(obj), indent=2, sort_keys=True, default=str) + "\n")
 
 
 def list_files(location: str | os.PathLike, recursive: bool = False) -> list[str]:

@@ -71,11 +71,15 @@ def start_run(uri: str, experiment: str, run_key: str, run_name: str, params: di
     """Open the MLflow run of ``run_key`` (storage path + name), creating it if needed.
 
     Re-running an interrupted training run continues the same MLflow run. Params are logged
-    once, when the run is created (MLflow refuses to change a logged param).
+    once, when the run is created (MLflow refuses to change a logged param). The key, name,
+    params and tags are redacted (:func:`fra.redaction.redact`) before they reach MLflow.
 
     Returns:
         (run_id, resumed)
     """
+    from fra.redaction import redact, redact_text
+
+    run_key, run_name, tags = redact_text(run_key), redact_text(run_name), redact(dict(tags or {}))
     client = _client(uri)
     exp = with_retries(lambda: client.get_experiment_by_name(experiment), "get experiment")
     exp_id = exp.experiment_id if exp else with_retries(
@@ -94,9 +98,14 @@ def start_run(uri: str, experiment: str, run_key: str, run_name: str, params: di
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log params, redacted: a param named like a secret is masked, credentials and secret values
+    are cut out of every value (:func:`fra.redaction.redact`)."""
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in sorted(params.items())]
+    from fra.redaction import redact
+
+    params = redact({str(k): str(v) for k, v in params.items()})
+    items = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in sorted(params.items())]
     client = _client(uri)
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         chunk = items[i:i + 100]

@@ -365,11 +365,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides=(), data
     return from_dict(cls, apply_overrides(raw, list(overrides)))
 
 
+def to_record(obj: Any) -> Any:
+    """:func:`to_dict` redacted (:func:`fra.redaction.redact`): the view of a config that is written
+    or logged (config.yaml, checkpoints, model cards, MLflow params). The live config is never
+    redacted: a run opens its storage with it."""
+    from fra.redaction import redact
+
+    return redact(to_dict(obj))
+
+
 def dump_yaml(obj: Any, path: str | Path) -> None:
-    """Write a config (dataclass or dict) to YAML atomically."""
+    """Write a config (dataclass or dict) to YAML atomically, redacted (:func:`to_record`)."""
     from fra.utils.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_record(obj), sort_keys=False))
 
 
 def replace(obj: T, **changes: Any) -> T:

@@ -47,7 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _RedactedStream:
+    """A console stream whose every write is redacted (:func:`fra.redaction.redact_text`)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        from fra.redaction import redact_text
+
+        self.stream.write(redact_text(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; everything it prints or logs to the console is redacted."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _RedactedStream(sys.stdout), _RedactedStream(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

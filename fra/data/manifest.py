@@ -132,10 +132,13 @@ def read_manifest(uri: str) -> Manifest:
 
 
 def write_manifest(manifest: Manifest, root: str) -> str:
-    """Write ``manifest`` atomically to ``<root>/manifest.json``; returns its URI."""
+    """Write ``manifest`` atomically to ``<root>/manifest.json`` (redacted: source roots and reader
+    options may name credentials); returns its URI."""
+    from fra.redaction import redact
+
     target = manifest_uri(root)
     fs, path = resolve(target)
-    put_atomic(fs, path, (json.dumps(manifest.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+    put_atomic(fs, path, (json.dumps(redact(manifest.to_dict()), indent=1, sort_keys=True) + "\n").encode())
     return target
 
 

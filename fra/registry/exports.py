@@ -14,6 +14,7 @@ from torch import nn
 
 from fra.checkpoint import FRA_BACKBONE_FORMAT, infer_arch, load_backbone, safe_load
 from fra.errors import CheckpointError, FraError
+from fra.redaction import redact
 
 log = logging.getLogger("fra.registry")
 
@@ -59,7 +60,8 @@ def _read_export(source: str | Path, workdir: Path) -> _Export:
                               "export with fra.train.checkpointing.export_backbone")
     model.fc = nn.Identity()
     log.info("registering %s (%s)", path, report)
-    return _Export(path, card, model.eval())
+    # Redacted once here: the card becomes version tags, the description and the logged card file.
+    return _Export(path, redact(card), model.eval())
 
 
 def _card_from_checkpoint(obj: Any, arch: str) -> dict:

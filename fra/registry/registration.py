@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from fra.redaction import redact_text
 from fra.registry.connection import (CARD_FIELDS, CARD_TAG_PREFIX, DATASET_TAG, EXAMPLE_SIDE, FAILED, METRIC_TAG_PREFIX,
                                      MODEL_NAME_IN_RUN, PENDING, PROTOCOL_TAG, READY, REGISTRATION_TAG,
                                      REGISTRY_EXPERIMENT, STATUS_TAG, ModelVersionInfo, RegistryError, _fluent_uri,
@@ -192,7 +193,7 @@ def _cleanup(uri: str, mlc, name: str, reg_id: str, state: dict, created_model: 
         # Each MLflow call would retry for minutes; a version, if any, stays pending and is refused.
         log.warning("MLflow at %s is gone; %s left as is (any new version stays %s=%s)", uri, name, STATUS_TAG, PENDING)
         return
-    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}"
+    reason = redact_text(f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}")  # a tag
     steps: list[tuple[str, Callable[[], Any]]] = []
     try:
         versions = [int(mv.version) for mv in _versions_with_registration(mlc, name, reg_id)]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fra.checkpoint import FRA_BACKBONE_FORMAT, FRA_CHECKPOINT_FORMAT, safe_load
-from fra.config import to_dict
+from fra.config import to_record
 from fra.engine import TrainState, VGGFACE2_MEAN, VGGFACE2_STD
 from fra.errors import CheckpointError
 from fra.utils.io import atomic_torch_save, atomic_write_json
@@ -45,9 +45,9 @@ def save_checkpoint(path: str | Path, model, optimizer, state: TrainState, confi
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "state": {"step": state.step, "epoch": state.epoch, "history": state.history},
-        "config": to_dict(config),
+        "config": to_record(config),  # redacted: a checkpoint is a file others read
         "rng": rng_state(),
-        "extra": extra or {},
+        "extra": to_record(extra or {}),
     }
     return atomic_torch_save(obj, path)
 
@@ -75,7 +75,8 @@ def restore(ckpt: dict, model, optimizer=None, scaler=None, restore_rng: bool = 
 
 
 def config_hash(config: Any) -> str:
-    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of the config as recorded (redacted), so a card read back from disk hashes the same."""
+    return hashlib.sha256(json.dumps(to_record(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def export_backbone(model, out_dir: str | Path, config, image_size: int, manifest_fingerprint: str = "",
@@ -112,7 +113,7 @@ def export_backbone(model, out_dir: str | Path, config, image_size: int, manifes
         "epochs_trained": int(epoch),
         "normalization": {"mean": list(mean), "std": list(std)},
         "out_channels": int(model.backbone.out_channels),
-        "config": to_dict(config),
+        "config": to_record(config),
         "config_hash": config_hash(config),
         "data_manifest_fingerprint": manifest_fingerprint,
         "fra_version": fra.__version__,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from fra.config import PretrainConfig, dump_yaml, effective_lr, flatten, per_worker_batch, to_dict
+from fra.config import (PretrainConfig, dump_yaml, effective_lr, flatten, per_worker_batch, to_dict,
+                        to_record)
 from fra.errors import ConfigError, FraError
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,8 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
     timeout = cfg.scaling.placement_timeout_s
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "plan": plan, "mlflow": {"uri": uri, "run_id": run_id},
+        train_loop_config={"cfg": to_dict(cfg), "record": to_record(cfg), "plan": plan,
+                           "mlflow": {"uri": uri, "run_id": run_id},
                            "probe": probe_images(manifest, cfg.data.split, cfg.data.image_size),
                            "inject": inject or {}, "code": code_origin()},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),

@@ -38,7 +38,9 @@ log = logging.getLogger("fra.train.worker")
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """Ray Train entry point. ``config``: {"cfg", "plan", "mlflow", "probe", "inject"} (see ray_trainer)."""
+    """Ray Train entry point. ``config``: {"cfg", "record", "plan", "mlflow", "probe", "inject"} (see
+    ray_trainer); "record" is the config as written into checkpoints, redacted by the driver (which
+    knows the secrets of its own environment)."""
     import ray.train
     import ray.train.torch
 
@@ -170,6 +172,7 @@ class WorkerHooks:
     def __init__(self, cfg, plan, model, optimizer, scaler, rank, world, config, device):
         self.cfg, self.plan, self.model, self.optimizer, self.scaler = cfg, plan, model, optimizer, scaler
         self.rank, self.world, self.inject = rank, world, config.get("inject") or {}
+        self.record = config.get("record") or cfg  # what checkpoints and config.yaml hold
         self.mean, self.std = view_normalization(cfg)
         self._normalize = Normalizer(self.mean, self.std, device)
         self._poison = False
@@ -296,8 +299,8 @@ class WorkerHooks:
             tmp = Path(tempfile.mkdtemp(prefix="fra-ckpt-"))
             extra = {"data_seed": self.cfg.data.seed, "world_size": self.world, **self.plan,
                      "step_in_epoch": state.step - state.epoch * self.plan["iters_per_epoch"]}
-            save_checkpoint(tmp / CHECKPOINT_FILE, self.model, self.optimizer, state, self.cfg, self.scaler, extra)
-            dump_yaml(self.cfg, tmp / "config.yaml")
+            save_checkpoint(tmp / CHECKPOINT_FILE, self.model, self.optimizer, state, self.record, self.scaler, extra)
+            dump_yaml(self.record, tmp / "config.yaml")
             ck = ray.train.Checkpoint.from_directory(str(tmp))
         self._last_checkpoint_t = time.monotonic()
         if self.cfg.run.checkpoint_upload == "async":

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from fra import storage as st
+from fra.redaction import redact
 from fra.tuning.config import SweepConfig, finite
 from fra.tuning.space import Param, set_paths
 from fra.tuning.trial import STARTS_FILE
@@ -190,10 +191,10 @@ def write_best(row: dict, exp_dir: str, cfg: SweepConfig, fer: dict, tracking_ur
     out = {"config": st.join(exp_dir, "best_pretrain.yaml"), "pipeline": st.join(exp_dir, "best_pipeline.yaml"),
            "json": st.join(exp_dir, "best.json")}
     st.write_text(out["config"], header + f"# Run: fra pretrain {out['config']}\n"
-                      + yaml.safe_dump(standalone, sort_keys=False))
+                      + yaml.safe_dump(redact(standalone), sort_keys=False))
     st.write_text(out["pipeline"], header + f"# Run: fra run {out['pipeline']}  (pretrain -> evaluate -> "
                       "register -> promote; --set stages=[pretrain,evaluate] to skip the registry)\n"
-                      + yaml.safe_dump(pipeline, sort_keys=False))
+                      + yaml.safe_dump(redact(pipeline), sort_keys=False))
     done = st.read_json(st.join(exp_dir, "trials", tid, "result.json"))
     st.write_json(out["json"], {"trial_id": tid, "params": done["params"], "report": done["report"],
                                     "pretrain": done.get("pretrain", {}), "fer": done.get("fer", {}),

@@ -23,7 +23,7 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler
 
 from fra import storage as st
-from fra.config import to_dict
+from fra.config import to_dict, to_record
 from fra.errors import ConfigError, FraError
 from fra.evaluation.fer import FERConfig
 from fra.tuning import report
@@ -94,7 +94,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
         from fra.train.ray_trainer import prepare_data
 
         prepare_data(res.base, st.join(exp_dir, "train_runs"))
-    st.write_text(st.join(exp_dir, "sweep.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    st.write_text(st.join(exp_dir, "sweep.yaml"), yaml.safe_dump(to_record(cfg), sort_keys=False))
     uri, parent = open_parent_run(cfg, exp_dir)
     setup = TrialSetup(base=res.base, fer=fer, objective=cfg.objective, sweep_dir=exp_dir,
                        scheduler_metric=cfg.scheduler.metric if cfg.scheduler.name != "none" else "")
@@ -277,7 +277,7 @@ def check_snapshot(cfg: SweepConfig, exp_dir: str, resume: bool) -> None:
         return
     if not resume:
         raise ConfigError(f"{exp_dir} already holds a sweep: resume it, or choose another run.name")
-    old, new = yaml.safe_load(st.read_text(snap)) or {}, to_dict(cfg)
+    old, new = yaml.safe_load(st.read_text(snap)) or {}, to_record(cfg)  # the snapshot was written redacted
     changed = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
     if changed:
         raise ConfigError(f"cannot resume {exp_dir}: {', '.join(changed)} changed since it started "

@@ -30,7 +30,7 @@ import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from fra import storage as st
-from fra.config import PretrainConfig, to_dict
+from fra.config import PretrainConfig, to_record
 from fra.errors import FraError
 from fra.evaluation.fer import FERConfig
 from fra.tuning.config import ObjectiveSettings
@@ -174,7 +174,7 @@ def fra_trial(config: dict, setup: TrialSetup) -> None:
         return
     cfg = trial_pretrain_config(setup, params, trial_id)
     fer_cfg = trial_fer_config(setup)
-    st.write_text(st.join(tdir, "pretrain.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    st.write_text(st.join(tdir, "pretrain.yaml"), yaml.safe_dump(to_record(cfg), sort_keys=False))
     t0 = time.time()
     try:
         pre = pretrain_or_reuse(cfg, [ProxyReport(proxy_kwargs(setup, fer_cfg), epochs)])

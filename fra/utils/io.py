@@ -30,6 +30,10 @@ def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` redacted (:func:`fra.redaction.redact_text`): no secret leaves in a file."""
+    from fra.redaction import redact_text
+
+    text = redact_text(text)
     return _atomic(path, lambda fh: fh.write(text), "w")
 
 
@@ -38,7 +42,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write ``obj`` as JSON, redacted (:func:`fra.redaction.redact`, secret-named keys included)."""
+    from fra.redaction import redact
+
+    return atomic_write_text(path, json.dumps(redact(obj), indent=2, sort_keys=True, default=str) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
