@@ -221,3 +221,49 @@ def test_demo_pipeline_writes_no_secret(ray_local, tmp_path, env_secret, capsys,
     assert not [s for s in shown if any(c.decode() in s for c in canaries)]
     console = out.out + out.err + caplog.text
     assert not [c for c in canaries if c.decode() in console]
+
+
+def test_tracking_credentials_are_never_recorded(tmp_path, env_secret, caplog, monkeypatch):
+    """MLflow credentials in the environment (the standard way) or in a live tracking URI
+    (``http://user:secret@host``, which MLflow's client opens) and a config carrying secrets: the
+    server's database and artifact store, and the log, never hold them."""
+    import torch
+
+    from fra import tracking
+    from fra.config import PretrainConfig, from_dict
+    from fra.mlflow_server import local_server
+    from fra.models import build_model
+    from fra.registry import register_backbone
+    from fra.train.checkpointing import export_backbone
+
+    caplog.set_level(logging.INFO)
+    uri_secret = f"fra-canary-uri-{secrets.token_hex(6)}"
+    password = f"fra-canary-pw-{secrets.token_hex(6)}"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "fra-user")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)  # sent as basic auth, ignored by this server
+    cfg = from_dict(PretrainConfig, {"model": {"backbone": "resnet18", "hidden_dim": 32, "proj_dim": 16, "num_proto": 2,
+                                               "decoder_heads": 2, "decoder_ffn": 16},
+                                     "data": {"shards": f"s3://AKIDCANARY:{uri_secret}@bucket/{env_secret}"}})
+    torch.manual_seed(0)
+    _, card_path = export_backbone(build_model(cfg.model), tmp_path / "export", cfg, 64)
+    # A card written by something else than fra's writers (an older fra, a hand-made export).
+    card = json.loads(card_path.read_text())
+    card["config"]["data"]["shards"] = cfg.data.shards
+    card_path.write_text(json.dumps(card))
+    with local_server(tmp_path / "server") as server:
+        live = server.url.replace("http://", f"http://AKIDCANARY:{uri_secret}@")
+        run_id, _ = tracking.start_run(live, "fra-pretrain", f"{tmp_path}/run", "run",
+                                       {"tracking.mlflow_uri": live, "data.shards": cfg.data.shards})
+        version = register_backbone(tmp_path / "export", "fra-secret", tracking_uri=server.url,
+                                    fer_metrics={"fer_top1_mean_last5": 50.0}, eval_protocol="linear/x/test")
+        assert version.version == 1
+        shown = _mlflow_strings(server.url)
+        assert f"http://***@127.0.0.1:{server.port}" in shown and run_id
+    canaries = [uri_secret.encode(), b"AKIDCANARY", env_secret.encode(), password.encode()]
+    leaks = {str(f): hits for f in (tmp_path / "server").rglob("*") if f.is_file()
+             and (hits := _found_in(f.read_bytes(), canaries))}
+    assert not leaks
+    logged = [json.loads(f.read_text()) for f in (tmp_path / "server").rglob("model_card.json")]
+    assert logged and all(c["config"]["data"]["shards"] == f"s3://***@bucket/{MASK}" for c in logged)
+    assert not [s for s in shown if any(c.decode() in s for c in canaries)]
+    assert not [c for c in canaries if c.decode() in caplog.text]
