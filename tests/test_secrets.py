@@ -133,8 +133,8 @@ def test_mlflow_params_and_tags_are_redacted(tmp_path, env_secret):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id, _ = tracking.start_run(uri, "exp", f"s3://AKIDCANARY:uri-secret@b/{env_secret}", "run",
-                                   {"data.shards": f"s3://AKIDCANARY:uri-secret@b/x", "tracking.password": "pw-12345",
-                                    "note": env_secret}, tags={"fra.source": f"s3://k:uri-secret@b"})
+                                   {"data.shards": "s3://AKIDCANARY:uri-secret@b/x", "tracking.password": "pw-12345",
+                                    "note": env_secret}, tags={"fra.source": "s3://k:uri-secret@b"})
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.params["data.shards"] == "s3://***@b/x" and run.data.params["tracking.password"] == MASK
     assert run.data.params["note"] == MASK and run.data.tags["fra.source"] == "s3://***@b"
