@@ -112,13 +112,19 @@ def is_multinode() -> bool:
         return False
 
 
+# Set to 1 where every node mounts the same filesystem at the same paths (NFS, EFS, or several
+# raylets on one machine): local storage paths are then shared storage.
+SHARED_FILESYSTEM_ENV = "FRA_SHARED_FILESYSTEM"
+
+
 def check_shared_location(what: str, location: str) -> None:
     """Refuse a node-local path for something every node must reach, on a multi-node cluster."""
-    if "://" in location or not is_multinode():
+    if "://" in location or os.environ.get(SHARED_FILESYSTEM_ENV) == "1" or not is_multinode():
         return
     raise ConfigError(f"{what}={location!r} is a local path, but this Ray cluster has several nodes: each "
                       "node would see its own disk (a job's working directory is also deleted when it ends). "
-                      "Use shared storage, e.g. s3://<bucket>/fra/... ($FRA_STORAGE_PATH on the cluster)")
+                      "Use shared storage, e.g. s3://<bucket>/fra/... ($FRA_STORAGE_PATH on the cluster), or set "
+                      f"{SHARED_FILESYSTEM_ENV}=1 if every node mounts this path (NFS, EFS)")
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -173,4 +179,4 @@ def check_worker_code(expected: dict | None, where: str) -> dict:
 
 
 __all__ = ["cluster_address", "init_ray", "alive_nodes", "cluster_capacity", "is_multinode", "check_shared_location",
-           "check_tracking_uri", "code_origin", "check_worker_code", "PARQUET_BIN_PACKING_ENV"]
+           "check_tracking_uri", "SHARED_FILESYSTEM_ENV", "code_origin", "check_worker_code", "PARQUET_BIN_PACKING_ENV"]

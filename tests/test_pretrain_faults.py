@@ -29,8 +29,9 @@ from tests.test_pretrain_ray import assert_restored_exactly, registered_checkpoi
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
+# FRA_SHARED_FILESYSTEM: these raylets share this machine's disk, so tmp_path is shared storage.
 ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10", "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
-       "RAY_DEDUP_LOGS": "0"}
+       "RAY_DEDUP_LOGS": "0", "FRA_SHARED_FILESYSTEM": "1"}
 NODE = {"num_cpus": 3, "object_store_memory": 200 * 1024 * 1024}
 FAULT_CFG = ("scaling.num_workers=2", "scaling.cpus_per_worker=2", "scaling.max_failures=2",
              "scaling.placement_timeout_s=240", "run.checkpoint_every=4", "optim.epochs=1",

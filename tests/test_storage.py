@@ -122,6 +122,9 @@ def test_node_local_tracking_and_storage_refused_on_a_multinode_cluster(monkeypa
     with pytest.raises(ConfigError, match="s3://"):
         ray_runtime.check_shared_location("storage_path", "/home/me/runs")
     ray_runtime.check_shared_location("storage_path", "s3://b/runs")
+    monkeypatch.setenv("FRA_SHARED_FILESYSTEM", "1")  # every node mounts it (NFS, one machine)
+    ray_runtime.check_shared_location("storage_path", "/mnt/efs/runs")
+    monkeypatch.delenv("FRA_SHARED_FILESYSTEM")
     monkeypatch.setattr(ray_runtime, "is_multinode", lambda: False)
     ray_runtime.check_tracking_uri("sqlite:////tmp/x/mlflow.db")  # one node: a local file is fine
 
