@@ -10,7 +10,7 @@ logical CPUs). One sweep covers everything, to stay within the suite's time budg
 * kill and resume: the driver runs in a subprocess attached to the same Ray cluster; once the
   first trial has finished and the second has checkpointed its first epoch, it gets SIGINT. The
   sweep is resumed in this process: the finished trial is not started again
-  (``trial_starts.jsonl``) and the interrupted trial continues its pretraining from its
+  (``trials/<id>/starts.json``) and the interrupted trial continues its pretraining from its
   checkpoint (no epoch is reported twice).
 * outputs: the table (CSV), the plot, the best config and the best pipeline (`fra run` loads it;
   both reproduce the best trial's settings), the exported backbone, and the MLflow parent run with
@@ -56,8 +56,14 @@ def _write_config(storage: Path, name: str, extra: list[str]) -> Path:
 
 
 def _starts(exp: Path) -> list[str]:
-    path = exp / "trial_starts.jsonl"
-    return [json.loads(line)["trial_id"] for line in path.read_text().splitlines()] if path.is_file() else []
+    """Trial ids in order of their trainable's starts (each trial records its own in trials/<id>/starts.json)."""
+    entries = []
+    for path in exp.glob("trials/*/starts.json"):
+        try:
+            entries += json.loads(path.read_text())
+        except ValueError:  # written atomically, but read while a trial may be replacing it
+            continue
+    return [e["trial_id"] for e in sorted(entries, key=lambda e: e["time"])]
 
 
 def _epochs(exp: Path, tid: str) -> list[int]:
