@@ -3,7 +3,7 @@
 Layout of ``<run.storage_path>/<run.name>/``: Tune's experiment state and per-trial dirs,
 ``train_runs/train_<trial>/`` (each trial's pretraining run: checkpoints, ``final/``,
 ``export/backbone.pt``), ``fer_runs/fer_<trial>/`` (the chained evaluation), ``trials/<trial>/``
-(``pretrain.yaml``, ``result.json``), ``trial_starts.jsonl``, ``sweep.yaml`` (the resolved sweep)
+(``pretrain.yaml``, ``result.json``, ``epochs.json``, ``starts.json``), ``sweep.yaml`` (the resolved sweep)
 and the outputs ``results.csv``, ``objective.png``, ``best_pretrain.yaml``, ``best_pipeline.yaml``,
 ``best.json``. MLflow gets one parent run per sweep and one nested run per trial.
 
