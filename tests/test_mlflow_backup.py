@@ -6,13 +6,11 @@ S3 is a local moto server reached through the standard environment (``AWS_ENDPOI
 """
 from __future__ import annotations
 
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 
@@ -29,36 +27,16 @@ BACKUP = f"s3://{BUCKET}/fra/mlflow-backup/mlflow.db"
 
 
 @pytest.fixture(scope="module")
-def s3_env():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    mp = pytest.MonkeyPatch()
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("moto server did not start")
-                time.sleep(0.2)
-        for k, v in env.items():
-            mp.setenv(k, v)
-        import boto3
+def s3_env(s3_server):
+    """The session's S3 server (tests/conftest.py: reached through the AWS_* environment) with this
+    module's bucket; yields its pyarrow filesystem."""
+    import boto3
 
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        # NOTE: pyarrow reads AWS_ENDPOINT_URL through FileSystem.from_uri, not S3FileSystem()
-        yield pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
-    finally:
-        mp.undo()
-        proc.terminate()
-        proc.wait(10)
+    client = boto3.client("s3")
+    if BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=BUCKET)
+    # NOTE: pyarrow reads AWS_ENDPOINT_URL through FileSystem.from_uri, not S3FileSystem()
+    return pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]
 
 
 def _populate(uri: str) -> dict:
