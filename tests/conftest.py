@@ -87,3 +87,19 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mlflow_tracking_uri_stays_in_its_module():
+    """A module that points MLflow's fluent API somewhere (``mlflow.set_tracking_uri`` also sets
+    ``$MLFLOW_TRACKING_URI`` for good) must not send later modules' runs there: fra honours that
+    variable wherever no URI is given, as on a cluster. Restored when the module ends."""
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    previous, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    tracking_utils._tracking_uri = previous
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env
