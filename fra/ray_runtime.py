@@ -160,21 +160,38 @@ def code_origin() -> dict:
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return {"path": str(root), "fingerprint": h.hexdigest()[:16]}
+    origin = {"path": str(root), "fingerprint": h.hexdigest()[:16]}
+    import ray
+
+    if ray.is_initialized():
+        origin["node"] = ray.get_runtime_context().get_node_id()
+    return origin
 
 
 def check_worker_code(expected: dict | None, where: str) -> dict:
     """In a worker: this process's :func:`code_origin`, checked against the driver's (``expected``).
 
+    Files edited on disk after the driver started (same path, same node) are only logged: the
+    worker runs the edited code, as any process started after an edit would.
+
     Raises:
         FraError: the worker imports different fra code than the driver (e.g. a node's installed
-            package instead of the job's working directory), or a mix of copies.
+            package instead of the job's working directory, or another node's older copy), or a mix of
+            copies.
     """
     mine = code_origin()
     if expected and mine["fingerprint"] != expected.get("fingerprint"):
+        if mine["path"] == expected.get("path") and mine.get("node") and mine.get("node") == expected.get("node"):
+            # Same files on the same node: they were edited after the driver started (a developer's
+            # tree). This worker runs the edited code; say so instead of failing a long run.
+            log.warning("%s: fra's code under %s changed on disk after the driver started (code %s, driver %s); "
+                        "this worker runs the edited code", where, mine["path"], mine["fingerprint"],
+                        expected.get("fingerprint"))
+            return mine
         raise FraError(f"{where}: this worker runs fra from {mine['path']} (code {mine['fingerprint']}) but the "
                        f"driver runs {expected.get('path')} (code {expected.get('fingerprint')}): the node's "
-                       "installed fra and the submitted working directory disagree")
+                       "installed fra and the submitted working directory disagree, or the node has another version "
+                       "of fra at the same path")
     return mine
 
 

@@ -145,6 +145,16 @@ def test_code_origin_refuses_two_copies(monkeypatch, tmp_path):
     assert check_worker_code(mine, "test") == mine
     with pytest.raises(FraError, match="driver runs"):
         check_worker_code({"path": "/elsewhere/fra", "fingerprint": "0" * 16}, "test worker")
+    # the same files on the same node, edited after the driver started: logged, not refused
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "node-a"))
+    edited = {"path": mine["path"], "fingerprint": "0" * 16, "node": "node-a"}
+    assert check_worker_code(edited, "test worker")["fingerprint"] == mine["fingerprint"]
+    with pytest.raises(FraError, match="another version"):  # same path on another node: an out-of-date copy
+        check_worker_code({**edited, "node": "node-b"}, "test worker")
+    monkeypatch.undo()
     stray = types.ModuleType("fra.stray_copy")
     stray.__file__ = str(tmp_path / "site-packages" / "fra" / "stray_copy.py")
     monkeypatch.setitem(sys.modules, "fra.stray_copy", stray)

@@ -135,10 +135,11 @@ def test_sweep_asha_kill_and_resume_end_to_end(ray_local, storage):
     # a placement group left behind would starve every later trial.
     _wait(lambda: not _live_placement_groups(ray_local), None, 120, "the stopped trial's placement group to go")
 
-    table = list(csv.DictReader(result.table_path.open()))
+    # local storage: the result's paths are plain local paths (strings, as URIs would be)
+    table = list(csv.DictReader(Path(result.table_path).open()))
     assert len(table) == 3 and {"loss_w_cluster", "proxy_top1", "objective", "test_top1_last", "seconds"} <= set(table[0])
-    assert result.plot_path.read_bytes()[:4] == b"\x89PNG"
-    assert result.best_backbone.is_file() and (result.best_export_dir / "model_card.json").is_file()
+    assert Path(result.plot_path).read_bytes()[:4] == b"\x89PNG"
+    assert Path(result.best_backbone).is_file() and (Path(result.best_export_dir) / "model_card.json").is_file()
 
     # the best config reproduces the best trial's settings
     best = max((r for r in result.rows if r["status"] == "completed"), key=lambda r: r["objective"])
