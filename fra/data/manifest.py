@@ -56,6 +56,8 @@ class Manifest:
         normalization: ``{"mean": [...], "std": [...]}`` from the card.
         parquet: writer settings (row group size, compression, ...).
         created: ISO time of writing.
+        attributes: names of the binary attribute flags in the ``attributes`` column (CelebA).
+        targets: names of the continuous values in the ``targets`` column (valence, arousal).
         uri: where the manifest was read from (not stored).
     """
 
@@ -71,6 +73,8 @@ class Manifest:
     normalization: dict = field(default_factory=dict)
     parquet: dict = field(default_factory=dict)
     created: str = ""
+    attributes: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
     uri: str = ""
 
     @property
@@ -125,6 +129,8 @@ def read_manifest(uri: str) -> Manifest:
     data["shards"] = tuple(ShardInfo(**s) for s in data.get("shards", ()))
     data["classes"] = tuple(data.get("classes", ()))
     data["skipped"] = tuple(data.get("skipped", ()))
+    for key in ("attributes", "targets"):
+        data[key] = tuple(data.get(key, ()))
     try:
         return Manifest(**data, uri=target if "://" in target else path)
     except TypeError as exc:

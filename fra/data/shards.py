@@ -45,6 +45,8 @@ SHARD_SCHEMA = pa.schema(
         ("box", pa.list_(pa.float32())),  # [x0, y0, x1, y1] in source pixels, nullable
         ("landmarks", pa.list_(pa.float32())),  # flat x, y, ... in source pixels, nullable
         ("mask", pa.binary()),  # PNG part mask aligned with the image, nullable
+        ("attributes", pa.list_(pa.float32())),  # per-image flags / values (card options.attributes), nullable
+        ("targets", pa.list_(pa.float32())),  # continuous targets (manifest targets: valence, arousal), nullable
     ]
 )
 _SMALL_COLUMNS = ["label", "identity", "split", "path", "format", "width", "height"]
@@ -101,12 +103,17 @@ def write_shard(reader: Reader, plan: ShardPlan, out: str, row_group_size: int) 
         except (OSError, ValueError) as exc:
             skipped.append(Skip(rec.split, rec.path, "unreadable", f"{type(exc).__name__}: {exc}"[:200]))
             continue
+        if (bad := reader.check(rec, width, height)) is not None:
+            skipped.append(bad)
+            continue
         marks = data.get("landmarks", rec.landmarks)
         for name, value in (
             ("image", data["image"]), ("label", rec.label), ("identity", rec.identity), ("split", rec.split),
             ("path", rec.path), ("format", fmt), ("width", width), ("height", height),
             ("box", list(rec.box) if rec.box is not None else None),
             ("landmarks", list(marks) if marks is not None else None), ("mask", data.get("mask")),
+            ("attributes", list(rec.attributes) if rec.attributes is not None else None),
+            ("targets", list(rec.targets) if rec.targets is not None else None),
         ):
             cols[name].append(value)
     table = pa.Table.from_pydict(cols, schema=SHARD_SCHEMA)
@@ -218,7 +225,12 @@ def _plan(reader: Reader, splits: list[str], per_shard: int, shuffle: bool, seed
             records = [records[i] for i in order.permutation(len(records))]
         for start in range(0, len(records), per_shard):
             chunk = tuple(records[start : start + per_shard])
-            key = hashlib.sha256(repr([(r.path, r.label, r.size, r.identity, r.box) for r in chunk]).encode())
+            # Annotations enter the key only where a record has attributes (the landmark layouts),
+            # so the keys of shard sets written before them stay valid.
+            key = hashlib.sha256(repr([(r.path, r.label, r.size, r.identity, r.box)
+                                       + ((r.landmarks, r.attributes) if r.attributes is not None else ())
+                                       + ((r.targets,) if r.targets is not None else ())
+                                       for r in chunk]).encode())
             key.update(json.dumps(reader.describe(), sort_keys=True).encode())
             plans.append(ShardPlan(split, start // per_shard, chunk, key.hexdigest()))
     return plans, listing_skips, excluded, digest.hexdigest()
@@ -327,6 +339,8 @@ def _manifest(reader, splits, plans, states, listing_skips, excluded, fingerprin
         parquet={"row_group_size": row_group_size, "compression": "none (image, mask) / snappy",
                  "schema": SHARD_SCHEMA.to_string(show_schema_metadata=False)},
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        attributes=tuple(reader.attribute_names()),
+        targets=tuple(reader.target_names()),
     )
 
 

@@ -19,16 +19,19 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from fra.data.synthetic_render import (
-    CLOTHES_LABEL, EXPRESSIONS, LANDMARKS, PARTS, Canvas, draw_head, expression_params, identity,
+    CLOTHES_LABEL, EXPRESSIONS, IBUG68_FLIP_PAIRS, LANDMARKS, PARTS, Canvas, draw_head, expression_params, ibug68,
+    identity,
 )
 from fra.errors import DataError
 
-__all__ = ["EXPRESSIONS", "PARTS", "LANDMARKS", "identity", "render", "SyntheticFaces",
+__all__ = ["EXPRESSIONS", "PARTS", "LANDMARKS", "LANDMARK_SETS", "IBUG68_FLIP_PAIRS", "identity", "render", "SyntheticFaces",
            "contact_sheet", "write_image_folder"]
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# "five": the 5 ArcFace points (LANDMARKS); "ibug68": the 68 iBUG / 300W points on the same face.
+LANDMARK_SETS = ("five", "ibug68")
 
 
 _FG_LUT = [0] + [255] * 255  # every drawn label (clothes included) is foreground
@@ -99,8 +102,8 @@ def _lighting(side: int, size: int, inverse: np.ndarray, offset: np.ndarray, ide
 
 
 def render(ident: dict, expression: int, rng: np.random.Generator, size: int = 112, ss: int = 2,
-           clutter: bool = True, intensity: tuple[float, float] = (0.6, 1.1), jitter: float = 0.08
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           clutter: bool = True, intensity: tuple[float, float] = (0.6, 1.1), jitter: float = 0.08,
+           landmark_set: str = "five") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one face of ``ident`` showing ``expression`` in a random pose, light and background.
 
     The number of draws taken from ``rng`` before the background does not depend on the
@@ -115,12 +118,22 @@ def render(ident: dict, expression: int, rng: np.random.Generator, size: int = 1
         clutter: draw random shapes over the background gradient.
         intensity: range of the expression strength (1 = the table's value); lower is harder.
         jitter: standard deviation of Gaussian noise added to each expression parameter.
+        landmark_set: ``five`` or ``ibug68`` (:data:`LANDMARK_SETS`); the pixels do not depend on it.
 
     Returns:
         image (size, size, 3) uint8; mask (size, size) uint8 with values indexing :data:`PARTS`;
         landmarks (5, 2) float32 ``(x, y)`` in pixels (pixel centres at integers), in
-        :data:`LANDMARKS` order.
+        :data:`LANDMARKS` order, or (68, 2) in the iBUG order for ``ibug68``.
     """
+    if landmark_set not in LANDMARK_SETS:
+        raise DataError(f"landmark_set must be one of {LANDMARK_SETS}, got {landmark_set!r}")
+    image, mask, points = _render(ident, expression, rng, size, ss, clutter, intensity, jitter)
+    return image, mask, points[landmark_set]
+
+
+def _render(ident: dict, expression: int, rng: np.random.Generator, size: int, ss: int, clutter: bool,
+            intensity: tuple[float, float], jitter: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """:func:`render` with every landmark set: ``{"five": (5, 2), "ibug68": (68, 2)}``."""
     _check_render_args(size, ss, intensity, jitter)
     side = size * ss
     params = expression_params(expression, rng, intensity, jitter)
@@ -165,8 +178,8 @@ def render(ident: dict, expression: int, rng: np.random.Generator, size: int = 1
     image = np.clip(pixels, 0.0, 255.0).astype(np.uint8)
     # Labels are point-sampled (never averaged) at the centre of each output pixel's footprint.
     mask = _LABEL_LUT[np.asarray(canvas.label)[ss // 2::ss, ss // 2::ss]]
-    landmarks = (points @ matrix.T + offset - (ss - 1) / 2.0) / ss
-    return image, mask, landmarks.astype(np.float32)
+    sets = {"five": points, "ibug68": ibug68(canvas.marks)}
+    return image, mask, {k: ((v @ matrix.T + offset - (ss - 1) / 2.0) / ss).astype(np.float32) for k, v in sets.items()}
 
 
 def _check_render_args(size, ss, intensity, jitter) -> None:
@@ -209,6 +222,7 @@ class SyntheticFaces:
     clutter: bool = True
     split_fractions: tuple[float, float, float] = (0.8, 0.0, 0.2)
     align: bool = False  # similarity-align on the 5 landmarks, like RAF-DB's aligned crops
+    landmark_set: str = "five"  # LANDMARK_SETS: the points a sample carries
 
     def __post_init__(self):
         for name in ("num_identities", "images_per_identity"):
@@ -218,6 +232,8 @@ class SyntheticFaces:
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise DataError(f"seed must be a non-negative int, got {self.seed!r}")
         _check_render_args(self.size, 1, tuple(self.intensity), self.jitter)
+        if self.landmark_set not in LANDMARK_SETS:
+            raise DataError(f"landmark_set must be one of {LANDMARK_SETS}, got {self.landmark_set!r}")
         try:
             fractions = tuple(float(f) for f in self.split_fractions)
         except (TypeError, ValueError):
@@ -262,7 +278,7 @@ class SyntheticFaces:
         """Render sample ``(identity_id, index)``; the same arguments always give the same pixels.
 
         Returns:
-            ``{"image": uint8 (H, W, 3), "mask": uint8 (H, W), "landmarks": float32 (5, 2),
+            ``{"image": uint8 (H, W, 3), "mask": uint8 (H, W), "landmarks": float32 (5, 2) or (68, 2),
             "label": int, "identity": int, "index": int}``.
         """
         if not 0 <= identity_id < self.num_identities:
@@ -271,10 +287,11 @@ class SyntheticFaces:
             raise DataError(f"index must be in [0, {self.images_per_identity}), got {index!r}")
         label = self.label(identity_id, index)
         rng = np.random.default_rng([self.seed, identity_id, index])
-        image, mask, landmarks = render(self.identity_params(identity_id), label, rng, size=self.size,
-                                        clutter=self.clutter, intensity=self.intensity, jitter=self.jitter)
+        image, mask, points = _render(self.identity_params(identity_id), label, rng, self.size, 2, self.clutter,
+                                      self.intensity, self.jitter)
+        landmarks = points[self.landmark_set]
         if self.align:
-            image, mask, landmarks = align_face(image, mask, landmarks)
+            image, mask, landmarks = align_face(image, mask, points["five"], landmarks)
         return {"image": image, "mask": mask, "landmarks": landmarks, "label": label,
                 "identity": int(identity_id), "index": int(index)}
 
@@ -291,7 +308,7 @@ ALIGN_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.
                            [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64) / 112.0
 
 
-def align_face(image: np.ndarray, mask: np.ndarray, landmarks: np.ndarray
+def align_face(image: np.ndarray, mask: np.ndarray, landmarks: np.ndarray, carry: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Similarity-align a face on its 5 landmarks to :data:`ALIGN_TEMPLATE` (same output size).
 
@@ -300,8 +317,9 @@ def align_face(image: np.ndarray, mask: np.ndarray, landmarks: np.ndarray
 
     Args:
         image: uint8 (S, S, 3); mask: uint8 (S, S); landmarks: (5, 2) pixel coordinates.
+        carry: other (K, 2) points to map into the aligned frame instead of ``landmarks``.
     Returns:
-        (image, mask, landmarks) in the aligned frame.
+        (image, mask, landmarks or carry) in the aligned frame.
     """
     side = image.shape[0]
     dst = ALIGN_TEMPLATE * side
@@ -318,7 +336,7 @@ def align_face(image: np.ndarray, mask: np.ndarray, landmarks: np.ndarray
     out_mask = np.asarray(Image.fromarray(mask).transform((side, side), Image.AFFINE, coeffs, Image.NEAREST))
     # Forward map of the landmarks: invert [[a, -b], [b, a]].
     det = a * a + b * b
-    d = src - np.array([tx, ty])
+    d = (src if carry is None else np.asarray(carry, dtype=np.float64)) - np.array([tx, ty])
     lm = np.stack([(a * d[:, 0] + b * d[:, 1]) / det, (-b * d[:, 0] + a * d[:, 1]) / det], axis=1)
     return out, out_mask, lm.astype(np.float32)
 

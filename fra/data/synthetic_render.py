@@ -17,6 +17,13 @@ EXPRESSIONS: tuple[str, ...] = ("neutral", "happy", "sad", "surprise", "fear", "
 PARTS: tuple[str, ...] = ("background", "skin", "brows", "eyes", "nose", "mouth", "hair")
 # ArcFace / MTCNN order; "left" means image-left (the person's right), as in the ArcFace template.
 LANDMARKS: tuple[str, ...] = ("left_eye", "right_eye", "nose_tip", "mouth_left", "mouth_right")
+# The dense set: the 68 points of the iBUG / 300W scheme (0-based; 0-16 jaw from image-left, 17-21 and
+# 22-26 brows, 27-30 nose bridge, 31-35 nostril base, 36-41 and 42-47 eyes, 48-59 outer and 60-67
+# inner lip), placed on the same parametric shapes the face is drawn with.
+IBUG68_FLIP_PAIRS: tuple[tuple[int, int], ...] = (
+    (0, 16), (1, 15), (2, 14), (3, 13), (4, 12), (5, 11), (6, 10), (7, 9), (17, 26), (18, 25), (19, 24),
+    (20, 23), (21, 22), (31, 35), (32, 34), (36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46),
+    (48, 54), (49, 53), (50, 52), (55, 59), (56, 58), (60, 64), (61, 63), (65, 67))
 
 # Clothes get their own label while drawing (they must be opaque in the face layer) and are folded
 # into background when the mask is returned.
@@ -128,6 +135,7 @@ class Canvas:
     """
 
     def __init__(self, side: int, matrix: np.ndarray, offset: np.ndarray, fill: tuple):
+        self.marks: dict[str, np.ndarray] = {}  # named dense landmark groups, face units (see ibug68)
         self.rgb = Image.new("RGB", (side, side), fill)
         self.label = Image.new("L", (side, side), 0)
         self._drgb = ImageDraw.Draw(self.rgb)
@@ -194,6 +202,9 @@ def draw_head(cv: Canvas, ident: dict, p: np.ndarray, yaw: float) -> np.ndarray:
     c, s = np.cos(t), np.sin(t)
     lower_x, lower_y = fw * np.sign(c) * np.abs(c) ** e, fh * s ** e
     cv.poly(np.concatenate([lower_x, -fw * c[1:-1]]), np.concatenate([lower_y, -fh * s[1:-1]]), skin, 1)
+    tj = np.linspace(np.pi, 0.0, 17)  # iBUG 0-16: the jaw superellipse from image-left to image-right
+    cj, sj = np.cos(tj), np.sin(tj)
+    cv.marks["jaw"] = np.column_stack([fw * np.sign(cj) * np.abs(cj) ** e, fh * np.abs(sj) ** e])
 
     if style in ("cap", "long", "fringe"):
         _draw_hair_cap(cv, fw, fh, ident, style == "fringe")
@@ -214,6 +225,12 @@ def draw_head(cv: Canvas, ident: dict, p: np.ndarray, yaw: float) -> np.ndarray:
             cv.poly(xs + [xs[1] + sgn * 0.018, xs[0] + sgn * 0.018], ys + [ys[1], ys[0]],
                     _shade(skin, 0.78), 1)
     return np.vstack([eye_pts, nose_tip[None], mouth_pts]).astype(np.float64)
+
+
+def ibug68(marks: dict[str, np.ndarray]) -> np.ndarray:
+    """The (68, 2) iBUG points, face units, from the groups :func:`draw_head` recorded on the canvas."""
+    return np.vstack([marks["jaw"], marks["brow-1"], marks["brow+1"], marks["nose_bridge"], marks["nose_base"],
+                      marks["eye-1"], marks["eye+1"], marks["lips"]]).astype(np.float64)
 
 
 def _draw_hair_cap(cv: Canvas, fw: float, fh: float, ident: dict, fringe: bool) -> None:
@@ -268,6 +285,17 @@ def _draw_eyes_and_brows(cv: Canvas, ident: dict, dx: float, yaw: float, braise:
         thick = ident["brow"] * np.array([1.15, 1.0, 0.6])
         top = np.minimum(top, ey - eh - 0.04 - thick)
         cv.band(xs, top, top + thick, brow_colour, 2)
+        # iBUG brows: 5 points on the band's mid-line, image-left to image-right; eyes: the corners and
+        # two points on each lid (upper lid at t = -0.4, 0.4, lower lid back), outer corner first on
+        # the image-left eye, inner corner first on the other (the iBUG order).
+        mid = top + thick / 2
+        u = np.linspace(0.0, 1.0, 5)
+        order = slice(None, None, -1) if sgn < 0 else slice(None)
+        bx, by = xs[order], mid[order]
+        cv.marks[f"brow{sgn:+d}"] = np.column_stack([np.interp(u, [0, 0.5, 1], bx), np.interp(u, [0, 0.5, 1], by)])
+        lid_t = np.array([-1.0, -0.4, 0.4, 1.0, 0.4, -0.4])
+        lid_y = ey + eh * np.sqrt(np.clip(1.0 - lid_t**2, 0.0, None)) * np.array([0, -1, -1, 0, 1, 1])
+        cv.marks[f"eye{sgn:+d}"] = np.column_stack([ex + ew * lid_t, lid_y])
     return np.array(pts)
 
 
@@ -279,6 +307,11 @@ def _draw_nose(cv: Canvas, ident: dict, dx: float, yaw: float, lip_raise: float)
             [top, top, tip - 0.02, tip + 0.04, tip + 0.04, tip - 0.02], _shade(skin, 0.8), 4)
     for sgn in (-1, 1):
         cv.ellipse(xb + sgn * nw * 0.45, tip + 0.012, 0.036, 0.019, _shade(skin, 0.35), 4, n=12)
+    # iBUG 27-30 down the bridge from eye level to the tip, 31-35 along the nostril base.
+    bridge = np.linspace(0.0, 1.0, 4)
+    cv.marks["nose_bridge"] = np.column_stack([xt + (xb - xt) * bridge, ident["eye_y"] + (tip - ident["eye_y"]) * bridge])
+    base_x = np.array([-0.8, -0.45, 0.0, 0.45, 0.8]) * nw
+    cv.marks["nose_base"] = np.column_stack([xb + base_x, tip + np.array([0.0, 0.03, 0.04, 0.03, 0.0])])
     if lip_raise > 0.35:  # disgust wrinkles across the bridge
         for k in range(3):
             y = top + (0.22 + 0.13 * k) * (tip - top)
@@ -310,4 +343,11 @@ def _draw_mouth(cv: Canvas, ident: dict, dx: float, curve: float, mopen: float, 
             cv.band(xs, up_in, up_in + teeth * (lo_in - up_in), (236, 232, 222), 5)
     else:
         cv.band(xs, centre - 0.008, centre + 0.008, _shade(ident["lip_color"], 0.45), 5)
+    # iBUG 48-59: corners and every other sample of the outer lip outline (upper left to right, lower
+    # back); 60-67: the inner outline (corners at the second and second-to-last samples).
+    outer = [(xs[0], centre[0])] + [(xs[k], up_out[k]) for k in (2, 4, 6, 8, 10)] + [(xs[12], centre[12])]
+    outer += [(xs[k], lo_out[k]) for k in (10, 8, 6, 4, 2)]
+    inner = [(xs[1], (up_in[1] + lo_in[1]) / 2)] + [(xs[k], up_in[k]) for k in (3, 6, 9)]
+    inner += [(xs[11], (up_in[11] + lo_in[11]) / 2)] + [(xs[k], lo_in[k]) for k in (9, 6, 3)]
+    cv.marks["lips"] = np.array(outer + inner)
     return np.array([[xs[0], centre[0]], [xs[-1], centre[-1]]])

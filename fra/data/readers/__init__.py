@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from fra.data.cards import DatasetCard, load_card
 from fra.data.readers.affectnet import AffectNetReader
+from fra.data.readers.aflw19 import AFLW19Reader
 from fra.data.readers.base import Reader, Record, Scan, Skip
 from fra.data.readers.fer2013 import FER2013Reader
 from fra.data.readers.ferplus import FERPlusReader
+from fra.data.readers.ibug300w import IBUG300WReader
 from fra.data.readers.image_folder import ImageFolderReader
 from fra.data.readers.rafdb import RAFDBReader
 from fra.data.readers.synthetic_faces import SyntheticFacesReader
 from fra.data.readers.vggface2 import VGGFace2Reader
+from fra.data.readers.wflw import WFLWReader
 from fra.errors import ConfigError
 
 READERS: dict[str, type[Reader]] = {
@@ -23,6 +26,9 @@ READERS: dict[str, type[Reader]] = {
     "fer2013": FER2013Reader,
     "image_folder": ImageFolderReader,
     "synthetic_faces": SyntheticFacesReader,
+    "wflw": WFLWReader,
+    "ibug300w": IBUG300WReader,
+    "aflw19": AFLW19Reader,
 }
 
 

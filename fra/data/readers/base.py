@@ -32,8 +32,12 @@ class Record:
         identity: subject identity, if known.
         box: face box (x0, y0, x1, y1) in source pixels, if the layout has one.
         landmarks: flat (x, y, x, y, ...) landmarks in source pixels, if any.
+        attributes: per-image numbers (0/1 flags such as WFLW's pose ... blur, or values), in
+            the order the card's ``options.attributes`` names them, if the layout has any.
         payload: inline data for :meth:`Reader.load` (e.g. a FER2013 pixel string).
         size: file size in bytes when the listing knows it (part of the fingerprint).
+        targets: continuous targets in the order of :meth:`Reader.target_names` (AffectNet's
+            valence, arousal), if any.
     """
 
     split: str
@@ -42,8 +46,10 @@ class Record:
     identity: str | None = None
     box: tuple[float, float, float, float] | None = None
     landmarks: tuple[float, ...] | None = None
+    attributes: tuple[float, ...] | None = None
     payload: Any = None
     size: int = -1
+    targets: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,16 @@ class Reader:
         """List the records of ``split``."""
         raise NotImplementedError
 
+    def attribute_names(self) -> tuple[str, ...]:
+        """Names of the ``attributes`` records carry, in order (default: the card's
+        ``options.attributes``; CelebA's reader reads them from its label file)."""
+        return tuple(self.options.get("attributes", ()))
+
+    def target_names(self) -> tuple[str, ...]:
+        """Names of the continuous ``targets`` records carry, in order (default: the card's
+        ``options.targets``)."""
+        return tuple(self.options.get("targets", ()))
+
     def load(self, record: Record) -> dict:
         """Bytes of one record: ``{"image": bytes}`` plus optional ``"mask"`` (PNG bytes).
 
@@ -126,6 +142,11 @@ class Reader:
         """
         with self.fs.open_input_stream(self.full(record.path)) as fh:
             return {"image": fh.readall()}
+
+    def check(self, record: Record, width: int, height: int) -> Skip | None:
+        """A reason to skip ``record`` once its image size is known (default: none), e.g. a face
+        box outside the image; called by the shard writer after decoding the header."""
+        return None
 
     def describe(self) -> dict:
         """JSON-able identity of this reader (part of the fingerprint)."""

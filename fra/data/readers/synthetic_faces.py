@@ -5,7 +5,8 @@ PNG and the 5 landmarks. Generator settings come from the card (``splits.num_ide
 ``splits.images_per_identity``, ``splits.fractions``) and can be overridden by reader options:
 ``num_identities``, ``images_per_identity``, ``size``, ``seed``, ``intensity``, ``jitter``,
 ``clutter``, ``split_fractions``, ``align`` (similarity-align each face on its 5 landmarks, like
-RAF-DB's aligned crops).
+RAF-DB's aligned crops), ``landmark_set`` (``five``, or ``ibug68``: the 68 iBUG points the
+``synthetic_landmarks`` card stores for face alignment).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fra.data.decode import encode_jpeg, encode_png
 from fra.data.readers.base import Reader, Record, Scan
 
 _SPEC_KEYS = ("num_identities", "images_per_identity", "size", "seed", "intensity", "jitter", "clutter",
-              "split_fractions", "align")
+              "split_fractions", "align", "landmark_set")
 
 
 class SyntheticFacesReader(Reader):
