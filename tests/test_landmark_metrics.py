@@ -1,0 +1,87 @@
+"""Face-alignment metrics against hand calculations (DOWNSTREAM_SPEC §4)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fra.evaluation.landmark_metrics import (ced_fr_auc, landmark_report, nme_per_image, normalizing_distance,
+                                             summarise_landmarks)
+
+
+def test_nme_inter_ocular_by_hand():
+    # 4 points; the "eyes" are points 0 and 1, 10 px apart. Errors: 0, 3-4-5 triangle (5), 2, 0.
+    gt = np.array([[[0, 0], [10, 0], [5, 5], [5, 10]]], float)
+    pred = gt + np.array([[[0, 0], [3, 4], [0, 2], [0, 0]]], float)
+    d = normalizing_distance(gt, "inter_ocular", (0, 1))
+    assert d.tolist() == [10.0]
+    assert nme_per_image(pred, gt, d).tolist() == pytest.approx([(0 + 5 + 2 + 0) / 4 / 10])  # 0.175
+
+
+def test_inter_pupil_uses_group_means():
+    # 300W inter-pupil: mean of one eye's points vs the other's. Eye A = (0,0),(2,0) -> (1,0);
+    # eye B = (9,4),(11,4) -> (10,4); distance sqrt(81 + 16) = sqrt(97).
+    gt = np.array([[[0, 0], [2, 0], [9, 4], [11, 4]]], float)
+    assert normalizing_distance(gt, "inter_pupil", ([0, 1], [2, 3]))[0] == pytest.approx(math.sqrt(97))
+
+
+def test_box_and_diagonal_normalisers():
+    boxes = np.array([[10, 20, 40, 60]], float)  # w 30, h 40
+    gt = np.zeros((1, 2, 2))
+    assert normalizing_distance(gt, "box", boxes=boxes)[0] == pytest.approx(math.sqrt(1200))
+    assert normalizing_distance(gt, "diag", boxes=boxes)[0] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="unknown normalizer"):
+        normalizing_distance(gt, "pupil")
+
+
+def test_failure_rate_and_auc_by_hand():
+    # CED is a step function: an image with NME e <= thr adds (thr - e) / thr / N to the AUC.
+    # e = 0.02, 0.05, 0.20 at thr 0.10: AUC = (0.8 + 0.5 + 0) / 3 = 0.4333..., FR = 1/3.
+    out = ced_fr_auc([0.02, 0.05, 0.20], 0.10)
+    assert out["fr"] == pytest.approx(100 / 3)
+    # Simpson's rule on a step function: each jump (1/3 high) can move the area by up to 4/3 of a grid
+    # step (1e-4 / 0.1 = 1e-3 of the normalised axis), so the hand value holds to ~1e-3
+    assert out["auc"] == pytest.approx(1.3 / 3, abs=1e-3)
+    # at thr 0.05 the 0.05 image is not a failure (NME <= thr): FR = 1/3, AUC = (0.6 + 0 + 0) / 3
+    out = ced_fr_auc([0.02, 0.05, 0.20], 0.05)
+    assert out["fr"] == pytest.approx(100 / 3) and out["auc"] == pytest.approx(0.2, abs=1e-3)
+    # every image perfect: FR 0, AUC 1; every image failing: FR 100, AUC 0
+    assert ced_fr_auc([0.0, 0.0], 0.1) == {"fr": 0.0, "auc": pytest.approx(1.0), "threshold": 0.1}
+    assert ced_fr_auc([0.3], 0.1)["fr"] == 100.0 and ced_fr_auc([0.3], 0.1)["auc"] == 0.0
+
+
+def test_reference_arange_goes_past_the_threshold():
+    # np.arange(0, 0.05 + 1e-4, 1e-4) ends at 0.0501 (DOWNSTREAM_SPEC §4): an image at 0.05005 fails at
+    # thr 0.05 on our grid and passes on the reference's.
+    assert ced_fr_auc([0.05005], 0.05)["fr"] == 100.0
+    assert ced_fr_auc([0.05005], 0.05, reference_arange=True)["fr"] == 0.0
+
+
+def test_report_per_subset():
+    nme = np.array([0.02, 0.04, 0.12, 0.06])
+    flags = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    rep = landmark_report(nme, 0.10, flags, ["pose", "blur"])
+    assert rep["full"]["nme"] == pytest.approx(6.0) and rep["full"]["fr"] == pytest.approx(25.0)
+    assert rep["pose"]["nme"] == pytest.approx(7.0) and rep["pose"]["count"] == 2 and rep["pose"]["fr"] == 50.0
+    assert rep["blur"]["nme"] == pytest.approx(8.0) and rep["blur"]["count"] == 2
+    # pose subset: (0.10 - 0.02) / 0.10 / 2 = 0.4
+    assert rep["pose"]["auc"] == pytest.approx(0.4, abs=1e-3)
+
+
+def _entry(epoch, nme, val=None):
+    h = {"epoch": epoch, "test": {"full": {"nme": nme}}}
+    if val is not None:
+        h["val"] = {"full": {"nme": val}}
+    return h
+
+
+def test_summary_headline_is_the_last_epoch_and_best_is_labelled():
+    history = [_entry(1, 9.0, 8.0), _entry(2, 5.0, 6.5), _entry(3, 6.0, 6.0), _entry(4, 7.0, 7.5)]
+    s = summarise_landmarks(history, last_k=2, eval_every=1)
+    assert s["nme_last"] == 7.0 and s["nme_mean_last_k"] == pytest.approx(6.5) and s["last_k"] == 2
+    assert (s["nme_best"], s["best_epoch"]) == (5.0, 2)  # selected on the test set
+    assert (s["val_best_epoch"], s["nme_at_val_best"]) == (3, 6.0)
+    # the best epoch is chosen among the scheduled evaluations only (every 2nd epoch here)
+    s = summarise_landmarks([_entry(1, 1.0), _entry(2, 5.0), _entry(3, 4.0), _entry(4, 7.0)], last_k=1, eval_every=2)
+    assert (s["nme_best"], s["best_epoch"]) == (5.0, 2)
