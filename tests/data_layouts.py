@@ -232,3 +232,68 @@ BUILDERS = {
     "fer2013": build_fer2013,
     "image_folder": build_image_folder,
 }
+
+
+CELEBA_ATTRIBUTES = (  # the release's header, in its order (DOWNSTREAM_SPEC §1)
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair Blond_Hair "
+    "Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup High_Cheekbones "
+    "Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline "
+    "Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick "
+    "Wearing_Necklace Wearing_Necktie Young").split()
+
+
+def celeba_values(k: int) -> list[int]:
+    """The -1/1 attribute row of image k (seeded)."""
+    return [int(v) for v in np.where(np.random.default_rng(1000 + k).random(40) < 0.3, 1, -1)]
+
+
+def build_celeba(root: Path, counts=(("train", 0, 8), ("val", 1, 3), ("test", 2, 4))) -> Expected:
+    """CelebA's official layout; ``exp.attributes`` maps each good path to its 0/1 flags.
+
+    Defects: a row with 39 values (malformed), a 0 and a 2 among the values (unknown_label), a
+    row listed twice (duplicate: the second), a listed image that does not exist (missing), a
+    corrupt and a truncated JPEG, an attribute row with no partition line and one whose
+    partition code is 5 (both under the split ``unassigned``), a partition line without an
+    attribute row (unlabelled).
+    """
+    exp, attr_rows, part_rows, k = Expected(), [], [], 0
+    exp.attributes = {}
+    for split, code, n in counts:
+        for _ in range(n):
+            name = f"{k + 1:06d}.jpg"
+            values = celeba_values(k)
+            _write(root / "img_align_celeba" / name, face_jpeg(k))
+            attr_rows.append(f"{name} " + " ".join(f"{v:2d}" for v in values))
+            part_rows.append(f"{name} {code}")
+            exp.add(split, f"img_align_celeba/{name}", -1)
+            exp.attributes[f"img_align_celeba/{name}"] = [float((v + 1) // 2) for v in values]
+            k += 1
+    good_row = attr_rows[0]
+    defects = [  # name, image bytes, attribute row (None: no row), partition code (None: no line), reason
+        ("900001.jpg", face_jpeg(1), " ".join(["1"] * 39), 0, "malformed"),
+        ("900002.jpg", face_jpeg(2), " ".join(["1"] * 20 + ["0"] + ["-1"] * 19), 0, "unknown_label"),
+        ("900003.jpg", face_jpeg(3), " ".join(["-1"] * 39 + ["2"]), 2, "unknown_label"),
+        ("900004.jpg", None, " ".join(["1"] * 40), 1, "missing"),
+        ("900005.jpg", CORRUPT, " ".join(["1"] * 40), 0, "corrupt"),
+        ("900006.jpg", truncated_jpeg(4), " ".join(["-1"] * 40), 2, "truncated"),
+        ("900007.jpg", face_jpeg(5), " ".join(["1"] * 40), None, "no_partition"),
+        ("900008.jpg", face_jpeg(6), " ".join(["1"] * 40), 5, "bad_partition"),
+        ("900009.jpg", face_jpeg(7), None, 0, "unlabelled"),
+    ]
+    for name, data, row, code, reason in defects:
+        if data is not None:
+            _write(root / "img_align_celeba" / name, data)
+        if row is not None:
+            attr_rows.append(f"{name} {row}")
+        if code is not None:
+            part_rows.append(f"{name} {code}")
+        exp.skipped[f"img_align_celeba/{name}"] = reason
+    attr_rows.append(good_row)  # 000001.jpg again: the second row is a duplicate
+    exp.skipped["img_align_celeba/000001.jpg"] = "duplicate"
+    header = f"{len(attr_rows)}\n" + " ".join(CELEBA_ATTRIBUTES) + " \n"
+    _write(root / "list_attr_celeba.txt", (header + "\n".join(attr_rows) + "\n").encode())
+    _write(root / "list_eval_partition.txt", ("\n".join(part_rows) + "\n").encode())
+    return exp
+
+
+BUILDERS["celeba"] = build_celeba

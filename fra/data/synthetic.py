@@ -22,6 +22,7 @@ from fra.data.synthetic_render import (
     CLOTHES_LABEL, EXPRESSIONS, IBUG68_FLIP_PAIRS, LANDMARKS, PARTS, Canvas, draw_head, expression_params, ibug68,
     identity,
 )
+from fra.data import synthetic_attributes as _attrs
 from fra.errors import DataError
 
 __all__ = ["EXPRESSIONS", "PARTS", "LANDMARKS", "LANDMARK_SETS", "IBUG68_FLIP_PAIRS", "identity", "render", "SyntheticFaces",
@@ -223,6 +224,7 @@ class SyntheticFaces:
     split_fractions: tuple[float, float, float] = (0.8, 0.0, 0.2)
     align: bool = False  # similarity-align on the 5 landmarks, like RAF-DB's aligned crops
     landmark_set: str = "five"  # LANDMARK_SETS: the points a sample carries
+    glasses: float = 0.0  # probability that an image wears glasses (fra.data.synthetic_attributes); 0 = none
 
     def __post_init__(self):
         for name in ("num_identities", "images_per_identity"):
@@ -234,6 +236,8 @@ class SyntheticFaces:
         _check_render_args(self.size, 1, tuple(self.intensity), self.jitter)
         if self.landmark_set not in LANDMARK_SETS:
             raise DataError(f"landmark_set must be one of {LANDMARK_SETS}, got {self.landmark_set!r}")
+        if isinstance(self.glasses, bool) or not 0.0 <= float(self.glasses) <= 1.0:
+            raise DataError(f"glasses must be a probability in [0, 1], got {self.glasses!r}")
         try:
             fractions = tuple(float(f) for f in self.split_fractions)
         except (TypeError, ValueError):
@@ -290,10 +294,22 @@ class SyntheticFaces:
         image, mask, points = _render(self.identity_params(identity_id), label, rng, self.size, 2, self.clutter,
                                       self.intensity, self.jitter)
         landmarks = points[self.landmark_set]
+        if _attrs.glasses_draw(self.seed, identity_id, index, self.glasses):
+            image = _attrs.draw_glasses(image, points["five"][:2])
         if self.align:
             image, mask, landmarks = align_face(image, mask, points["five"], landmarks)
         return {"image": image, "mask": mask, "landmarks": landmarks, "label": label,
                 "identity": int(identity_id), "index": int(index)}
+
+    def annotations(self, identity_id: int, index: int) -> tuple[tuple[float, ...], tuple[float, float]]:
+        """(attribute flags, (valence, arousal)) of sample ``(identity_id, index)`` without rendering
+        it (:mod:`fra.data.synthetic_attributes`; names: ``attribute_names(self.glasses > 0)``)."""
+        label = self.label(identity_id, index)
+        scene = _attrs.scene_draws(label, np.random.default_rng([self.seed, identity_id, index]), self.intensity,
+                                   self.jitter)
+        wears = _attrs.glasses_draw(self.seed, identity_id, index, self.glasses) if self.glasses > 0 else None
+        return (_attrs.attributes(self.identity_params(identity_id), scene, wears),
+                _attrs.valence_arousal(label, scene, self.intensity))
 
     def iter_split(self, split: str) -> Iterator[dict]:
         """Yield the sample dict of every image of ``split``, identity by identity."""

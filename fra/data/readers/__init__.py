@@ -8,6 +8,7 @@ from fra.data.cards import DatasetCard, load_card
 from fra.data.readers.affectnet import AffectNetReader
 from fra.data.readers.aflw19 import AFLW19Reader
 from fra.data.readers.base import Reader, Record, Scan, Skip
+from fra.data.readers.celeba import CelebAReader
 from fra.data.readers.fer2013 import FER2013Reader
 from fra.data.readers.ferplus import FERPlusReader
 from fra.data.readers.ibug300w import IBUG300WReader
@@ -26,6 +27,7 @@ READERS: dict[str, type[Reader]] = {
     "fer2013": FER2013Reader,
     "image_folder": ImageFolderReader,
     "synthetic_faces": SyntheticFacesReader,
+    "celeba": CelebAReader,
     "wflw": WFLWReader,
     "ibug300w": IBUG300WReader,
     "aflw19": AFLW19Reader,

@@ -6,7 +6,10 @@ PNG and the 5 landmarks. Generator settings come from the card (``splits.num_ide
 ``num_identities``, ``images_per_identity``, ``size``, ``seed``, ``intensity``, ``jitter``,
 ``clutter``, ``split_fractions``, ``align`` (similarity-align each face on its 5 landmarks, like
 RAF-DB's aligned crops), ``landmark_set`` (``five``, or ``ibug68``: the 68 iBUG points the
-``synthetic_landmarks`` card stores for face alignment).
+``synthetic_landmarks`` card stores for face alignment), ``glasses`` (probability of glasses) and
+``with_attributes`` (store the binary attributes and valence / arousal of
+:mod:`fra.data.synthetic_attributes` in the ``attributes`` / ``targets`` columns: the embedded
+default of the attribute and affect evaluations).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from fra.data.decode import encode_jpeg, encode_png
 from fra.data.readers.base import Reader, Record, Scan
 
 _SPEC_KEYS = ("num_identities", "images_per_identity", "size", "seed", "intensity", "jitter", "clutter",
-              "split_fractions", "align", "landmark_set")
+              "split_fractions", "align", "landmark_set", "glasses")
 
 
 class SyntheticFacesReader(Reader):
@@ -38,13 +41,27 @@ class SyntheticFacesReader(Reader):
         out["spec"] = repr(self.spec())
         return out
 
+    def attribute_names(self) -> tuple[str, ...]:
+        from fra.data.synthetic_attributes import attribute_names
+
+        return attribute_names(float(self.options.get("glasses") or 0) > 0) if self._annotated() else ()
+
+    def target_names(self) -> tuple[str, ...]:
+        from fra.data.synthetic_attributes import TARGETS
+
+        return TARGETS if self._annotated() else ()
+
+    def _annotated(self) -> bool:
+        return bool(self.options.get("with_attributes", False))
+
     def scan(self, split: str) -> Scan:
         spec = self.spec()
-        records = [
-            Record(split, f"synthetic/{i:06d}_{k:03d}", spec.label(i, k), str(i), payload=(i, k))
-            for i in spec.identities(split)
-            for k in range(spec.images_per_identity)
-        ]
+        records = []
+        for i in spec.identities(split):
+            for k in range(spec.images_per_identity):
+                attributes, targets = spec.annotations(i, k) if self._annotated() else (None, None)
+                records.append(Record(split, f"synthetic/{i:06d}_{k:03d}", spec.label(i, k), str(i), payload=(i, k),
+                                      attributes=attributes, targets=targets))
         return Scan(records, [], {})
 
     def load(self, record: Record) -> dict:
