@@ -157,6 +157,12 @@ class DataConfig:
     # Input normalisation of the views (recorded in the exported model card): auto = FRL's
     # (ImageNet mean, std 0.228/0.224/0.225) for method=swav, VGGFace2's otherwise.
     normalization: str = one_of("auto", "vggface2", "frl", "imagenet")  # auto | vggface2 | frl | imagenet
+    # Where the per-pixel ops of the two views (colour jitter, greyscale, blur, solarise) run:
+    # workers (the Ray Data tasks, with the crop) | device (batched on the trainer's device; the
+    # workers only decode, crop, resize and flip) | auto = device when scaling.use_gpu, else
+    # workers (on a CPU the batched ops cost the trainer more than the workers' fused path).
+    # SwAV's multi-crop always augments on the workers. See augment_placement().
+    augment_on: str = one_of("auto", "workers", "device")  # auto | workers | device
 
 
 @config("scaling.ddp")
@@ -247,6 +253,20 @@ class PretrainConfig:
     run: RunSettings = field(default_factory=RunSettings)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        if self.data.augment_on == "device" and self.model.method == "swav":
+            raise ConfigError("data.augment_on=device is not available with model.method=swav (its multi-crop "
+                              "augments on the workers); use auto or workers")
+
+
+def augment_placement(cfg: "PretrainConfig") -> str:
+    """Where the two views' per-pixel ops run, ``workers`` or ``device`` (``data.augment_on``;
+    ``auto``: ``device`` when ``scaling.use_gpu`` and the method makes two views, else ``workers``)."""
+    choice = cfg.data.augment_on
+    if choice == "auto":
+        return "device" if cfg.scaling.use_gpu and cfg.model.method != "swav" else "workers"
+    return choice
+
 
 def effective_lr(optim: OptimConfig) -> float:
     """The base learning rate actually used for the global batch."""
@@ -301,6 +321,7 @@ __all__ = [
     "TrackingConfig",
     "PretrainConfig",
     "effective_lr",
+    "augment_placement",
     "per_worker_batch",
     "from_dict",
     "to_dict",

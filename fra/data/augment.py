@@ -213,6 +213,31 @@ class TwoViewTransform:
             arr = arr[:, ::-1]
         return arr
 
+    def render_geometry(self, img: Image.Image, p: ViewParams, arr: np.ndarray | None = None) -> np.ndarray:
+        """Only the geometric part of a view: crop, resize to S and flip, uint8 (S, S, 3).
+
+        The worker half of ``data.augment_on: device``: the per-pixel ops (jitter, greyscale,
+        blur, solarise) are applied later, batched, by :mod:`fra.data.device_augment` from
+        :func:`photometric_row` of the same ``p``. Same resize choice as :meth:`render`'s
+        ``opencv`` backend: OpenCV's bilinear when the crop is upsampled in both directions, PIL's
+        antialiased bilinear otherwise (``backend="pil"``: always PIL). May return a flipped view
+        of an array (callers copy it into their batch).
+
+        Args:
+            img: the RGB source.
+            p: the view's parameters (:meth:`sample_view`).
+            arr: ``np.asarray(img)`` when the caller already has it (saves a copy per view).
+        """
+        size = self.image_size
+        left, top, right, bottom = p.box
+        if self.backend == "opencv" and right - left <= size and bottom - top <= size:
+            src = np.asarray(img) if arr is None else arr
+            out = _cv2().resize(src[top:bottom, left:right], (size, size), interpolation=_cv2().INTER_LINEAR)
+        else:
+            # crop, then resize (as torchvision's resized_crop): the antialiasing filter sees no pixel outside the box
+            out = np.asarray(img.crop(p.box).resize((size, size), Image.BILINEAR))
+        return out[:, ::-1] if p.flip else out
+
     def _blur(self, img: Image.Image, sigma: float) -> Image.Image:
         if self.backend == "pil":
             return gaussian_blur_pil(img, sigma)
@@ -253,6 +278,24 @@ class TwoViewTransform:
         if mask is not None:
             out["mask1"], out["mask2"] = self.render_mask(mask, p1), self.render_mask(mask, p2)
         return out
+
+
+# Columns of :func:`photometric_row` (the per-view parameter table of ``data.augment_on: device``).
+PHOTOMETRIC_COLUMNS = ("jitter", "brightness", "contrast", "saturation", "hue", "order0", "order1", "order2",
+                       "order3", "grey", "blur_sigma", "solarize")
+
+
+def photometric_row(p: ViewParams) -> np.ndarray:
+    """The per-pixel part of a view's parameters as float32 (12,) (:data:`PHOTOMETRIC_COLUMNS`).
+
+    ``jitter`` is 1.0 when ColorJitter fired (then brightness ... hue are its factors and
+    ``order0`` ... ``order3`` the sub-op order, 0 brightness, 1 contrast, 2 saturation, 3 hue),
+    else 0.0 with identity factors; ``grey`` and ``solarize`` are 0/1; ``blur_sigma`` is 0.0
+    for no blur. :class:`fra.data.device_augment.DeviceAugment` applies the row to a batch.
+    """
+    jitter = p.jitter if p.jitter is not None else (1.0, 1.0, 1.0, 0.0)
+    return np.array([float(p.jitter is not None), *jitter, *p.order, float(p.grey),
+                     p.blur_sigma if p.blur_sigma is not None else 0.0, float(p.solarize)], np.float32)
 
 
 def gaussian_blur_array(img: np.ndarray, sigma_x: float, sigma_y: float | None = None) -> np.ndarray:
@@ -457,4 +500,6 @@ __all__ = [
     "random_resized_crop_box",
     "colour_affine",
     "to_pil",
+    "PHOTOMETRIC_COLUMNS",
+    "photometric_row",
 ]

@@ -47,7 +47,8 @@ CORRUPT = "corrupt"  # bool column of every decoded batch: the row stands for a 
 def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", seed: int = 0, *,
                      augment: dict | None = None, batch_size: int = 64, num_cpus: float = 1.0,
                      shuffle_files: bool = True, with_params: bool = False, with_masks: bool = False,
-                     with_keys: bool = False, multicrop: dict | None = None, crop_to_box: bool | None = None):
+                     with_keys: bool = False, multicrop: dict | None = None, crop_to_box: bool | None = None,
+                     augment_on: str = "workers"):
     """Two-view pretraining stream (FRA_SPEC §8), or SwAV's multi-crop stream (FRL_SPEC §1.3).
 
     Args:
@@ -71,6 +72,9 @@ def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", s
         crop_to_box: make the views from the stored face box (scaled by the card's ``box_scale``
             about its centre, clipped to the image) instead of the whole image; rows without a
             box use the whole image. Default: the dataset card's ``crop_to_box`` (VGGFace2: on).
+        augment_on: ``workers`` (whole views) or ``device``: the tasks only crop, resize and flip,
+            and add ``aug1``/``aug2`` (float32 (B, 12), :func:`fra.data.augment.photometric_row`)
+            for :func:`fra.data.device_augment.augment_batches` on the trainer (``data.augment_on``).
 
     Returns:
         A lazy ``ray.data.Dataset`` of rows ``{"view1", "view2": uint8 (3, S, S), "label": int64,
@@ -81,7 +85,11 @@ def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", s
     manifest = read_manifest(shards)
     box_scale = _box_scale(manifest.dataset, crop_to_box)
     box_column = ["box"] if box_scale else []
+    if augment_on not in ("workers", "device"):
+        raise ValueError(f"augment_on must be 'workers' or 'device', got {augment_on!r}")
     if multicrop is not None:
+        if augment_on == "device":
+            raise ValueError("augment_on='device' is not available with multicrop")
         if with_params or with_masks:
             raise ValueError("with_params / with_masks are not available with multicrop")
         ds = _read(manifest, split, ["image", "label", "path"] + box_column, seed if shuffle_files else None,
@@ -93,7 +101,8 @@ def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", s
     columns = ["image", "label", "path"] + (["mask"] if with_masks else []) + box_column
     ds = _read(manifest, split, columns, seed if shuffle_files else None, shuffle_rows=shuffle_files)
     kwargs = {"image_size": int(image_size), "seed": int(seed), "augment": dict(augment or {}),
-              "with_params": with_params, "with_masks": with_masks, "with_keys": with_keys, "box_scale": box_scale}
+              "with_params": with_params, "with_masks": with_masks, "with_keys": with_keys, "box_scale": box_scale,
+              "augment_on": augment_on}
     return ds.map_batches(_two_view_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
                           fn_kwargs=kwargs)
 
@@ -346,7 +355,9 @@ def _decode(raw, path):
 
 
 def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, with_params: bool,
-                    with_masks: bool, with_keys: bool = False, box_scale: float = 0.0) -> dict:
+                    with_masks: bool, with_keys: bool = False, box_scale: float = 0.0,
+                    augment_on: str = "workers") -> dict:
+    from fra.data.augment import PHOTOMETRIC_COLUMNS, photometric_row
     from fra.data.decode import decode_mask
 
     transform = _two_view_transform(image_size, tuple(sorted(augment.items())))
@@ -357,6 +368,8 @@ def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, w
     corrupt = np.zeros(n, bool)
     boxes, flips = np.zeros((2, n, 4), np.float32), np.zeros((2, n), bool)
     masks_out = np.zeros((2, n, s, s), np.uint8) if with_masks else None
+    on_device = augment_on == "device"  # the tasks crop, resize and flip; the rest runs on the trainer
+    table = np.zeros((2, n, len(PHOTOMETRIC_COLUMNS)), np.float32) if on_device else None
     keys = [row_key(path) for path in batch["path"]]
     masks = batch["mask"] if with_masks else [None] * n
     face_boxes = batch["box"] if box_scale else [None] * n
@@ -371,14 +384,21 @@ def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, w
             m = decode_mask(bytes(mask)) if mask is not None else np.zeros((img.height, img.width), np.uint8)
         img, m = _crop(img, face, box_scale, m)
         pair = transform.sample(img.width, img.height, np.random.default_rng([seed, execution, 1, keys[i]]))
+        arr = np.asarray(img) if on_device else None
         for v, p in enumerate(pair):
-            views[v, i] = transform.render_array(img, p).transpose(2, 0, 1)
+            if on_device:
+                views[v, i] = transform.render_geometry(img, p, arr).transpose(2, 0, 1)
+                table[v, i] = photometric_row(p)
+            else:
+                views[v, i] = transform.render_array(img, p).transpose(2, 0, 1)
             boxes[v, i], flips[v, i] = _norm_box(p.box, img.size), p.flip
             if with_masks:
                 masks_out[v, i] = transform.render_mask(m, p)
     out = {"view1": views[0], "view2": views[1], "label": np.asarray(batch["label"], dtype=np.int64),
            CORRUPT: corrupt}
     for v in (0, 1):
+        if on_device:
+            out[f"aug{v + 1}"] = table[v]
         if with_params:
             out[f"box{v + 1}"], out[f"flip{v + 1}"] = boxes[v], flips[v]
         if with_masks:
