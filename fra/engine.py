@@ -237,4 +237,8 @@ def train_one_epoch(model, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
     out = {k: v / max(n, 1) for k, v in zip(keys, sums.tolist() if sums is not None else [])}
     out.update(steps=n, images=images, images_per_s=images / max(elapsed, 1e-9),
                data_wait_frac=wait / max(elapsed, 1e-9), epoch=state.epoch)
+    if "diag/cluster_over_lnk" in out:  # FRA: where the cluster self-distillation stands (issue 18)
+        log.info("epoch %d region diagnostics: cluster loss / ln K %.4f, dots spread over K %.5f, "
+                 "mask-embedding cosine %.4f", state.epoch + 1, out["diag/cluster_over_lnk"],
+                 out["diag/dots_spread"], out["diag/mask_cos"])
     return out

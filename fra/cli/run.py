@@ -78,6 +78,18 @@ def run(args: argparse.Namespace) -> int:
             (Path(bench.storage_path) / "benchmark_state.json").unlink(missing_ok=True)
         run_benchmark(bench)
         return 0
+    from fra.experiments.region_awareness import is_region_awareness_file
+
+    if is_region_awareness_file(args.pipeline):  # kind: region_awareness (pipelines/region_awareness.yaml)
+        from fra.experiments.region_awareness import load_region_awareness, run_region_awareness
+
+        exp = load_region_awareness(args.pipeline, args.overrides)
+        if args.dry_run:
+            print(f"region-awareness experiment {exp.name} is valid: seeds {exp.seeds}")
+            return 0
+        if args.restart:
+            (Path(exp.storage_path) / "state.json").unlink(missing_ok=True)
+        return 0 if run_region_awareness(exp)["passed"] else 1
     cfg = load_pipeline(args.pipeline, args.overrides)
     if args.dry_run:
         print(f"pipeline {cfg.name} is valid: stages {cfg.stages}")

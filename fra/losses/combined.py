@@ -6,6 +6,7 @@ from torch import nn
 
 from fra.config import ModelConfig
 from fra.losses.cluster import ClusterLoss
+from fra.losses.diagnostics import region_diagnostics
 from fra.losses.instance import InstanceLoss
 from fra.losses.region import RegionLoss
 
@@ -16,7 +17,8 @@ class FRALoss(nn.Module):
     The two directions are *summed* (no ½) while the cluster loss averages the two views,
     as in the reference. Returns a dict with the total under ``"loss"`` and the logged pack
     ``loss/inst`` = w·ΣL_inst, ``loss/region`` = (1−w)·ΣL_region, ``loss/cluster`` (unweighted),
-    plus the per-direction / per-view parts.
+    plus the per-direction / per-view parts and the ``diag/*`` numbers of
+    :func:`fra.losses.diagnostics.region_diagnostics` (FRA only; logged, not optimised).
 
     Args:
         loss_weight: w, instance vs region (0.5).
@@ -71,6 +73,8 @@ class FRALoss(nn.Module):
             clu = clu / 2
             logs["loss/cluster"] = clu
             logs["loss/base"] = total
+            # logged only (no gradient): where the cluster self-distillation stands
+            logs.update(region_diagnostics(out.online, clu, self.cluster.num_proto))
             total = total + self.loss_w_cluster * clu
         logs["loss"] = total
         return logs
