@@ -249,3 +249,60 @@ def test_finetune_from_pretrained_fra_reaches_high_accuracy(tiny_fra_backbone, a
     # every 3rd epoch (the reference's --eval-freq) and each of the last 2 (the headline's)
     assert [h["epoch"] for h in out["history"] if "test_confusion" in h] == [3, 5, 6]
     assert top1(out["history"][-1]["test_confusion"]) >= 60.0, out["history"]  # chance is 14.3 %
+
+
+class _Stream:
+    """An epoch's batches as fra.data.stream.BatchStream delivers them: a ``skipped_corrupt``
+    count, batches produced on demand; records which thread asked for the first batch."""
+
+    def __init__(self, epoch: int, log: list, fail: bool = False):
+        self.epoch, self.log, self.fail, self.skipped_corrupt = epoch, log, fail, epoch + 1
+
+    def __iter__(self):
+        import threading
+
+        self.log.append(("first batch", self.epoch, threading.current_thread().name))
+        if self.fail:
+            raise OSError(f"shard of epoch {self.epoch} unreadable")
+        for i in range(3):
+            yield {"label": torch.tensor([10 * self.epoch + i])}
+
+
+def test_next_epoch_prefetch_starts_the_next_epoch_during_evaluation():
+    """Issue 16 §3: epoch e + 1's stream is started (first batch requested, in a background
+    thread) when epoch e's batches run out, i.e. before evaluation; the batches, their order and
+    the corrupt counts are those of the per-epoch streams; nothing starts past the last epoch."""
+    from fra.evaluation.worker import NextEpochPrefetch
+
+    log, made = [], []
+
+    def make(epoch):
+        made.append(epoch)
+        return _Stream(epoch, log)
+
+    batches = NextEpochPrefetch(make, epochs=3)
+    seen = []
+    for epoch in range(3):
+        stream = batches(epoch)
+        seen.append([int(b["label"]) for b in stream])
+        assert stream.skipped_corrupt == epoch + 1
+        if epoch < 2:  # "evaluation": the next epoch is already under way, in another thread
+            ahead = batches._ready[epoch + 1]
+            ahead._thread.join(timeout=10)
+            assert log[-1] == ("first batch", epoch + 1, "fer-next-epoch")
+    assert seen == [[0, 1, 2], [10, 11, 12], [20, 21, 22]]
+    assert made == [0, 1, 2] and not batches._ready  # no stream for epoch 3
+    assert log[0] == ("first batch", 0, "MainThread")
+
+
+def test_next_epoch_prefetch_errors_surface_in_the_loop_and_early_stops_do_not_prefetch():
+    from fra.evaluation.worker import NextEpochPrefetch
+
+    log = []
+    batches = NextEpochPrefetch(lambda e: _Stream(e, log, fail=e == 1), epochs=3)
+    assert len(list(batches(0))) == 3
+    with pytest.raises(OSError, match="epoch 1 unreadable"):
+        list(batches(1))  # raised where the loop iterates, not lost in the thread
+    stopped = NextEpochPrefetch(lambda e: _Stream(e, log), epochs=3)
+    next(iter(stopped(0)))  # a consumer that stops early does not start the next epoch
+    assert not stopped._ready

@@ -7,14 +7,21 @@ model → ``prepare_model`` → dataset shards → :func:`fit` → ``report``.
 
 Evaluation produces a confusion matrix per worker; the matrices are summed over workers, so a
 sharded test set gives exactly the single-process numbers.
+
+Epoch starts. Every epoch of a Ray Data stream is one execution (read tasks, decode + augment
+tasks, a pipeline that must fill before the first batch arrives). :class:`NextEpochPrefetch`
+requests the next epoch's first batch in a background thread as soon as an epoch's training
+batches are exhausted, so that start-up overlaps the evaluation instead of stalling the first
+step of the next epoch. The batches and their order are those of the plain per-epoch stream.
 """
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -150,6 +157,76 @@ def skipped_corrupt(batches: Iterable[dict]) -> int:
     return int(getattr(batches, "skipped_corrupt", 0))
 
 
+class _EpochStream:
+    """One epoch's batches, optionally with the first batch requested ahead in a thread.
+
+    Iterate it once. ``skipped_corrupt`` is the wrapped stream's count (0 for plain iterables);
+    ``on_end`` runs when the batches are exhausted (not when the consumer stops early).
+    """
+
+    def __init__(self, stream: Iterable[dict], on_end: Callable[[], None] | None = None, ahead: bool = False):
+        self.stream, self.on_end = stream, on_end
+        self._iter: Iterator[dict] = iter(stream)
+        self._head: list[dict] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._pull, daemon=True, name="fer-next-epoch") if ahead else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._head.append(next(self._iter))
+        except StopIteration:
+            pass
+        except BaseException as exc:  # re-raised in the consumer's thread
+            self._error = exc
+
+    @property
+    def skipped_corrupt(self) -> int:
+        return int(getattr(self.stream, "skipped_corrupt", 0))
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+        yield from self._head
+        self._head = []
+        yield from self._iter
+        if self.on_end is not None:
+            self.on_end()
+
+
+class NextEpochPrefetch:
+    """``epoch -> batches`` for :func:`fit` that starts epoch ``e + 1``'s stream (its first batch,
+    in a daemon thread) when epoch ``e``'s batches run out: the data pipeline's start-up then
+    overlaps the evaluation (module docstring). ``make(epoch)`` builds an epoch's stream; it is
+    called once per epoch, in epoch order, with the same arguments as without prefetching, so
+    the batches are the same. No epoch at or beyond ``epochs`` is started.
+    """
+
+    def __init__(self, make: Callable[[int], Iterable[dict]], epochs: int):
+        self.make, self.epochs = make, int(epochs)
+        self._ready: dict[int, _EpochStream] = {}
+        self._lock = threading.Lock()
+
+    def _start(self, epoch: int) -> None:
+        if epoch < self.epochs:
+            with self._lock:
+                if epoch not in self._ready:
+                    self._ready[epoch] = self._stream(epoch, ahead=True)
+
+    def _stream(self, epoch: int, ahead: bool) -> _EpochStream:
+        return _EpochStream(self.make(epoch), on_end=lambda: self._start(epoch + 1), ahead=ahead)
+
+    def __call__(self, epoch: int) -> _EpochStream:
+        with self._lock:
+            stream = self._ready.pop(epoch, None)
+            for stale in [e for e in self._ready if e < epoch]:  # never consumed (cannot happen in fit)
+                del self._ready[stale]
+        return stream if stream is not None else self._stream(epoch, ahead=False)
+
+
 def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterable[dict]],
         test_batches: Callable[[int], Iterable[dict]], val_batches: Callable[[int], Iterable[dict]] | None = None,
         device: torch.device | str = "cpu", start_epoch: int = 0, history: list | None = None,
@@ -256,8 +333,10 @@ def fer_train_loop(config: dict) -> dict:
 
     def batches(name: str):
         buffer = 256 if name == "train" else 0  # evaluation order does not matter: no shuffle buffer
-        return lambda epoch: iter_batches(shard[name], per_worker, epoch=epoch, seed=spec.seed, drop_last=False,
-                                          local_shuffle_buffer=buffer)
+        make = lambda epoch: iter_batches(shard[name], per_worker, epoch=epoch, seed=spec.seed,  # noqa: E731
+                                          drop_last=False, local_shuffle_buffer=buffer)
+        # the next training epoch's execution starts while this one is evaluated (module docstring)
+        return NextEpochPrefetch(make, spec.epochs) if name == "train" else make
 
     def on_epoch(entry: dict, epoch: int, hist: list) -> None:
         metrics = {k: v for k, v in entry.items() if not k.endswith("_confusion")}
