@@ -213,29 +213,31 @@ class TwoViewTransform:
             arr = arr[:, ::-1]
         return arr
 
-    def render_geometry(self, img: Image.Image, p: ViewParams, arr: np.ndarray | None = None) -> np.ndarray:
+    def render_geometry(self, img: Image.Image | np.ndarray, p: ViewParams) -> np.ndarray:
         """Only the geometric part of a view: crop, resize to S and flip, uint8 (S, S, 3).
 
         The worker half of ``data.augment_on: device``: the per-pixel ops (jitter, greyscale,
         blur, solarise) are applied later, batched, by :mod:`fra.data.device_augment` from
         :func:`photometric_row` of the same ``p``. Same resize choice as :meth:`render`'s
-        ``opencv`` backend: OpenCV's bilinear when the crop is upsampled in both directions, PIL's
-        antialiased bilinear otherwise (``backend="pil"``: always PIL). May return a flipped view
-        of an array (callers copy it into their batch).
+        ``opencv`` backend: OpenCV's bilinear when the crop is upsampled in both directions, else
+        PIL's antialiased bilinear on the crop (``backend="pil"``: always PIL). May return a
+        flipped view of an array (callers copy it into their batch).
 
         Args:
-            img: the RGB source.
+            img: the RGB source, a PIL image or a uint8 (H, W, 3) array (cheaper: a decoded
+                array needs no conversion to PIL, and only a downsampled crop is converted).
             p: the view's parameters (:meth:`sample_view`).
-            arr: ``np.asarray(img)`` when the caller already has it (saves a copy per view).
         """
         size = self.image_size
         left, top, right, bottom = p.box
+        arr = img if isinstance(img, np.ndarray) else None
         if self.backend == "opencv" and right - left <= size and bottom - top <= size:
             src = np.asarray(img) if arr is None else arr
             out = _cv2().resize(src[top:bottom, left:right], (size, size), interpolation=_cv2().INTER_LINEAR)
         else:
-            # crop, then resize (as torchvision's resized_crop): the antialiasing filter sees no pixel outside the box
-            out = np.asarray(img.crop(p.box).resize((size, size), Image.BILINEAR))
+            # crop, then resize (torchvision's resized_crop): the antialiasing filter sees no pixel outside the box
+            crop = img.crop(p.box) if arr is None else Image.fromarray(np.ascontiguousarray(arr[top:bottom, left:right]))
+            out = np.asarray(crop.resize((size, size), Image.BILINEAR))
         return out[:, ::-1] if p.flip else out
 
     def _blur(self, img: Image.Image, sigma: float) -> Image.Image:

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from fra.data.augment import FERTransform, TwoViewTransform
-from fra.data.decode import CorruptImageError, decode_pil
+from fra.data.decode import CorruptImageError, decode_image, decode_pil
 from fra.data.manifest import Manifest, read_manifest
 from fra.data.readers.base import join, resolve
 from fra.errors import DataError
@@ -296,11 +296,18 @@ def face_crop_box(box, width: int, height: int, scale: float = 1.0) -> tuple[int
 
 
 def _crop(img, box, scale: float, mask=None):
-    """``img`` (and its ``mask``) cropped to the scaled face box, or unchanged without a box."""
-    crop = face_crop_box(box, img.width, img.height, scale) if scale else None
+    """``img`` (PIL, or a uint8 (H, W, 3) array) and its ``mask`` cropped to the scaled face box,
+    or unchanged without a box."""
+    crop = face_crop_box(box, *_size(img), scale) if scale else None
     if crop is None:
         return img, mask
-    return img.crop(crop), (None if mask is None else mask[crop[1]:crop[3], crop[0]:crop[2]])
+    m = None if mask is None else mask[crop[1]:crop[3], crop[0]:crop[2]]
+    return (img[crop[1]:crop[3], crop[0]:crop[2]] if isinstance(img, np.ndarray) else img.crop(crop)), m
+
+
+def _size(img) -> tuple[int, int]:
+    """(width, height) of a PIL image or an (H, W, 3) array."""
+    return (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else img.size
 
 
 # ---- per-batch UDFs (run in Ray Data tasks) ---------------------------------------------------
@@ -345,10 +352,11 @@ def _permute_block(block, *, seed: int):
     return block.take(rng.permutation(n))
 
 
-def _decode(raw, path):
-    """The decoded image, or None when it is corrupt (its row becomes a placeholder)."""
+def _decode(raw, path, as_array: bool = False):
+    """The decoded image (PIL, or a uint8 (H, W, 3) array), or None when it is corrupt (its row
+    becomes a placeholder)."""
     try:
-        return decode_pil(bytes(raw))
+        return decode_image(bytes(raw)) if as_array else decode_pil(bytes(raw))
     except CorruptImageError as exc:
         logger.warning("dropping corrupt image %s: %s", path, exc)
         return None
@@ -374,24 +382,24 @@ def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, w
     masks = batch["mask"] if with_masks else [None] * n
     face_boxes = batch["box"] if box_scale else [None] * n
     for i, (raw, path, mask, face) in enumerate(zip(batch["image"], batch["path"], masks, face_boxes)):
-        img = _decode(raw, path)
+        img = _decode(raw, path, as_array=on_device)  # device placement: no PIL image unless a crop shrinks
         if img is None:
             corrupt[i] = True
             views[:, i] = 0
             continue
         m = None
         if with_masks:
-            m = decode_mask(bytes(mask)) if mask is not None else np.zeros((img.height, img.width), np.uint8)
+            m = decode_mask(bytes(mask)) if mask is not None else np.zeros(_size(img)[::-1], np.uint8)
         img, m = _crop(img, face, box_scale, m)
-        pair = transform.sample(img.width, img.height, np.random.default_rng([seed, execution, 1, keys[i]]))
-        arr = np.asarray(img) if on_device else None
+        width, height = _size(img)
+        pair = transform.sample(width, height, np.random.default_rng([seed, execution, 1, keys[i]]))
         for v, p in enumerate(pair):
             if on_device:
-                views[v, i] = transform.render_geometry(img, p, arr).transpose(2, 0, 1)
+                views[v, i] = transform.render_geometry(img, p).transpose(2, 0, 1)
                 table[v, i] = photometric_row(p)
             else:
                 views[v, i] = transform.render_array(img, p).transpose(2, 0, 1)
-            boxes[v, i], flips[v, i] = _norm_box(p.box, img.size), p.flip
+            boxes[v, i], flips[v, i] = _norm_box(p.box, (width, height)), p.flip
             if with_masks:
                 masks_out[v, i] = transform.render_mask(m, p)
     out = {"view1": views[0], "view2": views[1], "label": np.asarray(batch["label"], dtype=np.int64),
