@@ -142,6 +142,7 @@ def checkpoint_config(cfg: PretrainConfig):
 def prepare_data(cfg: PretrainConfig, storage: str):
     """(manifest, lazy two-view dataset); synthetic faces are rendered into cached shards first."""
     from fra.data.manifest import read_manifest
+    from fra.config import augment_placement
     from fra.data.stream import pretrain_dataset
 
     shards = cfg.data.shards
@@ -157,7 +158,7 @@ def prepare_data(cfg: PretrainConfig, storage: str):
                      align=s["align"])
     manifest = read_manifest(shards)
     ds = pretrain_dataset(shards, image_size=cfg.data.image_size, split=cfg.data.split, seed=cfg.data.seed,
-                          multicrop=multicrop_args(cfg))
+                          multicrop=multicrop_args(cfg), augment_on=augment_placement(cfg))
     return manifest, ds
 
 

@@ -44,6 +44,7 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
+    from fra.data.device_augment import augment_batches
     from fra.data.stream import iter_batches
 
     from fra.ray_runtime import check_worker_code
@@ -65,7 +66,8 @@ def train_loop_per_worker(config: dict) -> dict:
         while state.step < plan["total_steps"]:
             stream = iter_batches(shard, batch, epoch=state.epoch, seed=cfg.data.seed, drop_last=True)
             stats = train_one_epoch(
-                model, loss_fn, optimizer, epoch_batches(stream, state, plan["iters_per_epoch"]), schedule,
+                model, loss_fn, optimizer,
+                augment_batches(epoch_batches(stream, state, plan["iters_per_epoch"]), device), schedule,  # augment_on=device
                 state, hooks.normalizer, online=online, scaler=scaler, amp=cfg.scaling.amp,
                 grad_clip=cfg.optim.grad_clip, log_every=cfg.run.log_every, max_steps=plan["total_steps"],
                 finite=hooks.finite, on_log=hooks.on_log, on_step=hooks.on_step)
