@@ -45,12 +45,12 @@ class DeviceAugment:
         device: where the ops run (the trainer's device).
         chunk: samples processed at a time (0 = the whole batch). On a CPU a chunk of a few
             images keeps the float working set in cache; on a GPU the whole batch is one launch
-            sequence. Default: 0 on CUDA, 8 elsewhere.
+            sequence. Default: 0 on CUDA, 16 elsewhere (measured: benchmarks/augment_split.py).
     """
 
     def __init__(self, device: str | torch.device = "cpu", chunk: int | None = None):
         self.device = torch.device(device)
-        self.chunk = int(chunk) if chunk is not None else (0 if self.device.type == "cuda" else 8)
+        self.chunk = int(chunk) if chunk is not None else (0 if self.device.type == "cuda" else 16)
 
     def __call__(self, views: torch.Tensor, params) -> torch.Tensor:
         """The augmented views, uint8 (B, 3, H, W) on ``self.device``.
@@ -113,12 +113,12 @@ class DeviceAugment:
             if np.any(f != 1):
                 f_d = self._column(f)
                 if np.any((op == 1) | (op == 2)):
-                    grey = _luma(part)
+                    grey = _luma(part)  # (n, 1, H, W): other = mean (contrast), grey (saturation), 0 (brightness)
                     mean = torch.floor(grey.mean(dim=(2, 3), keepdim=True) + 0.5)  # PIL: int(mean + 0.5)
-                    other = self._column(op == 1) * mean + self._column(op == 2) * grey
-                    part = (f_d * part).add_((1 - f_d) * other)
+                    other = grey.mul_(self._column(op == 2)).add_(mean * self._column(op == 1)).mul_(1 - f_d)
+                    part.mul_(f_d).add_(other)
                 else:
-                    part = f_d * part
+                    part.mul_(f_d)
                 part.clamp_(0, 255)
             hue = np.flatnonzero((op == 3) & (factors[:, 3] != 0))
             if hue.size:
@@ -181,20 +181,19 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """
     r, g, b = x.unbind(1)
     maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
-    cr = maxc - minc
-    flat = cr == 0
-    sat = cr / torch.where(flat, torch.ones_like(maxc), maxc)
-    crd = torch.where(flat, torch.ones_like(cr), cr)
-    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    cr = maxc - torch.minimum(torch.minimum(r, g), b)
+    # grey pixels (cr = 0): saturation 0 and rc = gc = bc = 0, so hue 0 without a special case
+    sat = cr / maxc.clamp(min=1e-12)
+    crd = cr.clamp(min=1e-12)
+    rc, gc, bc = (maxc - r).div_(crd), (maxc - g).div_(crd), (maxc - b).div_(crd)
     hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(flat, torch.zeros_like(hue), hue)
-    h6 = torch.remainder(hue + 6.0 * shift.view(-1, 1, 1).to(x.dtype), 6.0)
+    h6 = torch.remainder(hue.add_(6.0 * shift.view(-1, 1, 1).to(x.dtype)), 6.0)
     vs = maxc * sat
     out = []
     for n in (5.0, 3.0, 1.0):  # closed-form HSV -> RGB
-        k = torch.remainder(h6 + n, 6.0)
-        out.append(maxc - vs * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+        k = h6 + n
+        k = torch.where(k >= 6.0, k - 6.0, k)
+        out.append(maxc - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
     return torch.stack(out, 1)
 
 
