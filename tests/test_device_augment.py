@@ -245,12 +245,14 @@ def test_stream_tasks_ship_geometry_and_parameters_deterministically(crops):
     again = _two_view_batch(dict(batch), augment_on="device", **kw)
     assert np.array_equal(dev["aug1"], again["aug1"]) and np.array_equal(dev["view2"], again["view2"])
     assert dev["aug1"].shape == (12, len(PHOTOMETRIC_COLUMNS)) and dev["aug1"].dtype == np.float32
+    assert dev["view1"].shape == (12, S, S, 3) and work["view1"].shape == (12, 3, S, S)  # channels-last on the wire
     assert np.array_equal(dev["box1"], work["box1"]) and np.array_equal(dev["flip2"], work["flip2"])
     assert (dev["aug1"][:, COL["blur_sigma"]] > 0).all()  # view 1: blur p = 1.0
     assert (dev["aug1"][:, COL["solarize"]] == 0).all()  # view 1: solarize p = 0.0
     tensors = {k: torch.from_numpy(v) for k, v in dev.items()}
     out = next(augment_batches([tensors]))
     assert "aug1" not in out and "aug2" not in out and out["view1"].dtype == torch.uint8
+    assert out["view1"].shape == out["view2"].shape == (12, 3, S, S)
     plain = dev["aug2"][:, COL["jitter"]] + dev["aug2"][:, COL["grey"]] + dev["aug2"][:, COL["solarize"]] == 0
     assert plain.any()
     d = np.abs(out["view2"].numpy()[plain].astype(int) - work["view2"][plain].astype(int))

@@ -213,32 +213,40 @@ class TwoViewTransform:
             arr = arr[:, ::-1]
         return arr
 
-    def render_geometry(self, img: Image.Image | np.ndarray, p: ViewParams) -> np.ndarray:
+    def render_geometry(self, img: Image.Image | np.ndarray, p: ViewParams, out: np.ndarray | None = None) -> np.ndarray:
         """Only the geometric part of a view: crop, resize to S and flip, uint8 (S, S, 3).
 
         The worker half of ``data.augment_on: device``: the per-pixel ops (jitter, greyscale,
         blur, solarise) are applied later, batched, by :mod:`fra.data.device_augment` from
         :func:`photometric_row` of the same ``p``. Same resize choice as :meth:`render`'s
         ``opencv`` backend: OpenCV's bilinear when the crop is upsampled in both directions, else
-        PIL's antialiased bilinear on the crop (``backend="pil"``: always PIL). May return a
-        flipped view of an array (callers copy it into their batch).
+        PIL's antialiased bilinear on the crop (``backend="pil"``: always PIL).
 
         Args:
             img: the RGB source, a PIL image or a uint8 (H, W, 3) array (cheaper: a decoded
                 array needs no conversion to PIL, and only a downsampled crop is converted).
             p: the view's parameters (:meth:`sample_view`).
+            out: optional C-contiguous uint8 (S, S, 3) destination (e.g. a row of a batch): the
+                resize and the flip write into it, with no extra copy.
+        Returns:
+            ``out`` when given, else a new array (possibly a flipped view).
         """
-        size = self.image_size
+        size, cv2 = self.image_size, _cv2()
         left, top, right, bottom = p.box
         arr = img if isinstance(img, np.ndarray) else None
         if self.backend == "opencv" and right - left <= size and bottom - top <= size:
             src = np.asarray(img) if arr is None else arr
-            out = _cv2().resize(src[top:bottom, left:right], (size, size), interpolation=_cv2().INTER_LINEAR)
+            res = cv2.resize(src[top:bottom, left:right], (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
         else:
             # crop, then resize (torchvision's resized_crop): the antialiasing filter sees no pixel outside the box
             crop = img.crop(p.box) if arr is None else Image.fromarray(np.ascontiguousarray(arr[top:bottom, left:right]))
-            out = np.asarray(crop.resize((size, size), Image.BILINEAR))
-        return out[:, ::-1] if p.flip else out
+            res = np.asarray(crop.resize((size, size), Image.BILINEAR))
+            if out is not None:
+                out[...] = res
+                res = out
+        if not p.flip:
+            return res
+        return cv2.flip(res, 1, dst=res) if out is not None else res[:, ::-1]
 
     def _blur(self, img: Image.Image, sigma: float) -> Image.Image:
         if self.backend == "pil":

@@ -151,14 +151,22 @@ class DeviceAugment:
     # ---- batches -----------------------------------------------------------------------------
     def apply_batch(self, batch: dict) -> dict:
         """A new batch dict whose ``view1`` / ``view2`` carry their ``aug1`` / ``aug2`` parameters
-        (the parameter columns are removed); a batch without them is returned unchanged."""
+        (the parameter columns are removed); a batch without them is returned unchanged.
+
+        Views that come with parameters arrive channels-last, uint8 (B, S, S, 3), as the stream's
+        ``augment_on: device`` tasks write them; they leave as (B, 3, S, S) (channels-last memory,
+        the backbone's own format)."""
         if "aug1" not in batch and "aug2" not in batch:
             return batch
         out = dict(batch)
         for v in ("1", "2"):
             params = out.pop("aug" + v, None)
             if params is not None:
-                out["view" + v] = self(out["view" + v], params)
+                views = out["view" + v]
+                if views.dim() != 4 or views.shape[-1] != 3:
+                    raise ValueError(f"view{v} with parameters must be channels-last (B, S, S, 3), "
+                                     f"got {tuple(views.shape)}")
+                out["view" + v] = self(views.permute(0, 3, 1, 2), params)
         return out
 
 

@@ -73,8 +73,10 @@ def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", s
             about its centre, clipped to the image) instead of the whole image; rows without a
             box use the whole image. Default: the dataset card's ``crop_to_box`` (VGGFace2: on).
         augment_on: ``workers`` (whole views) or ``device``: the tasks only crop, resize and flip,
-            and add ``aug1``/``aug2`` (float32 (B, 12), :func:`fra.data.augment.photometric_row`)
-            for :func:`fra.data.device_augment.augment_batches` on the trainer (``data.augment_on``).
+            ship ``view1``/``view2`` channels-last (uint8 (S, S, 3) rows) and add ``aug1``/``aug2``
+            (float32 (12,) rows, :func:`fra.data.augment.photometric_row`), which
+            :func:`fra.data.device_augment.augment_batches` turns into (B, 3, S, S) views on the
+            trainer (``data.augment_on``).
 
     Returns:
         A lazy ``ray.data.Dataset`` of rows ``{"view1", "view2": uint8 (3, S, S), "label": int64,
@@ -378,6 +380,8 @@ def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, w
     masks_out = np.zeros((2, n, s, s), np.uint8) if with_masks else None
     on_device = augment_on == "device"  # the tasks crop, resize and flip; the rest runs on the trainer
     table = np.zeros((2, n, len(PHOTOMETRIC_COLUMNS)), np.float32) if on_device else None
+    if on_device:  # channels-last on the wire: resized straight into the batch (the trainer permutes for free)
+        views = np.empty((2, n, s, s, 3), np.uint8)
     keys = [row_key(path) for path in batch["path"]]
     masks = batch["mask"] if with_masks else [None] * n
     face_boxes = batch["box"] if box_scale else [None] * n
@@ -395,7 +399,7 @@ def _two_view_batch(batch: dict, *, image_size: int, seed: int, augment: dict, w
         pair = transform.sample(width, height, np.random.default_rng([seed, execution, 1, keys[i]]))
         for v, p in enumerate(pair):
             if on_device:
-                views[v, i] = transform.render_geometry(img, p).transpose(2, 0, 1)
+                transform.render_geometry(img, p, out=views[v, i])
                 table[v, i] = photometric_row(p)
             else:
                 views[v, i] = transform.render_array(img, p).transpose(2, 0, 1)
