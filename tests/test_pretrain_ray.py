@@ -145,6 +145,30 @@ def test_checkpoint_copies_cut_short_by_a_lost_node_are_set_aside(tmp_path, capl
     assert set_aside_unregistered_checkpoints(run) == [] and (run / "checkpoint_a").is_dir()
 
 
+def test_a_new_worker_group_streams_from_the_epoch_of_the_checkpoint_it_resumes_from(tmp_path, caplog):
+    """EpochAlignedDataset, called by the Train controller at each worker-group start, sets the
+    dataset's execution index (which seeds each epoch's order and augmentations) to the epoch in
+    the metrics of the latest checkpoint the controller registered (its snapshot file)."""
+    from types import SimpleNamespace
+
+    from fra.train.ray_trainer import SNAPSHOT_FILE, EpochAlignedDataset
+
+    run = tmp_path / "run"
+    ds = SimpleNamespace(context=SimpleNamespace(_execution_idx=7))
+    aligned = EpochAlignedDataset(ds, str(run))
+    assert aligned() is ds and ds.context._execution_idx == 0  # no checkpoint yet: epoch 0
+    run.mkdir()
+    latest = {"checkpoint_dir_name": "checkpoint_b", "metrics": {"step": 12, "epoch": 1}}
+    (run / SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": "checkpoint_a", "metrics": {"step": 8, "epoch": 1}}, latest],
+        "latest_checkpoint_result": latest}))
+    assert aligned().context._execution_idx == 1
+    (run / SNAPSHOT_FILE).write_text("{not json")
+    with caplog.at_level("WARNING"):
+        assert aligned().context._execution_idx == 0
+    assert "cannot read the resume epoch" in caplog.text
+
+
 # ---- Ray Train ---------------------------------------------------------------------------------
 @pytest.mark.ray
 @pytest.mark.slow
@@ -285,41 +309,54 @@ def weight_differences(a: Path, b: Path) -> list[str]:
                   if not close(v, sb["optimizer"]["state"][pid][k])]
 
 
+def read_trace(path: Path) -> dict[tuple[int, int], list[dict]]:
+    """inject.trace_to's lines by (rank, step): every time a step took a batch (a restart repeats steps)."""
+    out: dict[tuple[int, int], list[dict]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out.setdefault((rec["rank"], rec["step"]), []).append(rec)
+    return out
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known defect (issue 17 §5): a run resumed at an epoch start diverges from "
-                   "the uninterrupted run (Ray Train's split coordinator restarts its epoch count in a new run); "
-                   "failed in the fresh-clone run of 2026-12-06 and must pass once resume is exact")
 def test_interrupted_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(ray_local, tmp_path):
-    """One worker, dropout on (the restored RNG matters), 2 epochs x 8 steps, checkpoints every 4
-    steps and at epoch ends. The interrupted run: its worker is SIGKILLed at step 6 (Ray Train
-    restarts it from step 4, inside epoch 1), it then crashes at step 10 with no retry left, and a
-    re-run of the same name resumes from the epoch-end checkpoint of step 8, so its data stream
-    must shuffle and augment as epoch 2, not as a first epoch. Its checkpoints at 4 and 8 equal
-    the uninterrupted run's; at 12 and 16 they do not yet (recorded 2026-12-06: max |diff| 4.1 and
-    10.3 in BN running variances). The two resumes differ only in the epoch they resume in, and Ray
-    Train's split coordinator, new with every run, numbers the data executions (which seed file
-    order, row permutation and augmentation, fra/data/stream.py) from 0: the likely cause. Reported
-    as an expected failure until that is fixed; the test passes once 12 and 16 match."""
+    """One worker, dropout on (torch's RNG matters), 2 epochs x 8 steps, checkpoints every 4 steps
+    and at epoch ends. The interrupted run: its worker is SIGKILLed at step 10 and Ray Train
+    restarts it from the epoch-end checkpoint of step 8 (a new worker group, hence a new data
+    stream, inside the same fit); it then crashes at step 14 with no retry left, and a re-run of
+    the same name (a new fit) resumes from step 12, mid-epoch 2. Both resumes must draw epoch 2's
+    data order and augmentations (before the fix both drew epoch 1's, and blocks came out in
+    task-completion order, so even epoch 1 differed between runs) and the dropout draws of the
+    uninterrupted run. Reference: the uninterrupted run itself. Every step of the interrupted run,
+    each time it was taken, trains on the same batch with the same RNG state, and the weights
+    and optimizer state at steps 4, 8, 12 and 16 are equal to float tolerance."""
     from fra.train.ray_trainer import pretrain_ray
 
     common = ("model.dropout=0.1", "run.checkpoint_every=4", "run.checkpoint_upload=sync")
-    straight = pretrain_ray(tiny_config(tmp_path, "straight", *common))
+    straight = pretrain_ray(tiny_config(tmp_path, "straight", *common), inject={"trace_to": str(tmp_path / "a.jsonl")})
     assert straight.return_value["step"] == 16
     cfg = tiny_config(tmp_path, "resumed", *common, "scaling.max_failures=1")
+    trace = {"trace_to": str(tmp_path / "b.jsonl"), "dump_restored_to": str(tmp_path)}
     with pytest.raises(FraError, match="re-run with the same run.name"):
-        pretrain_ray(cfg, inject={"kill_at_step": 6, "marker": str(tmp_path / "killed"), "raise_at_step": 10,
-                                  "dump_restored_to": str(tmp_path)})
-    assert max(checkpoint_steps(tmp_path / "resumed")) == 8
-    out = pretrain_ray(cfg, inject={"dump_restored_to": str(tmp_path)})
+        pretrain_ray(cfg, inject={"kill_at_step": 10, "marker": str(tmp_path / "killed"), "raise_at_step": 14,
+                                  **trace})
+    assert (tmp_path / "killed").read_text() == "10" and max(checkpoint_steps(tmp_path / "resumed")) == 12
+    out = pretrain_ray(cfg, inject=trace)
     assert out.return_value["step"] == 16
-    assert sorted(p.name for p in tmp_path.glob("restored_step*.pt")) == ["restored_step4.pt", "restored_step8.pt"]
-    a, b = checkpoint_steps(tmp_path / "straight"), checkpoint_steps(tmp_path / "resumed")
-    for step in (4, 8):  # the restart after the kill resumed inside epoch 1
-        assert not weight_differences(a[step], b[step]), step
-    later = {step: weight_differences(a[step], b[step])[:3] for step in (12, 16)}
-    if any(later.values()):
-        pytest.xfail(f"a re-run resumed at the start of epoch 2 ends with other weights: {later}")
+    assert sorted(p.name for p in tmp_path.glob("restored_step*.pt")) == ["restored_step12.pt", "restored_step8.pt"]
+
+    a, b = read_trace(tmp_path / "a.jsonl"), read_trace(tmp_path / "b.jsonl")
+    assert sorted(a) == sorted(b) == [(0, s) for s in range(16)]
+    assert all(len(v) == 1 for v in a.values())
+    assert {k: len(v) for k, v in b.items() if len(v) > 1} == {(0, 8): 2, (0, 9): 2, (0, 12): 2, (0, 13): 2}  # taken again
+    # (the kill comes after step 10, i.e. after the batches of steps 0-9; the crash after step 14)
+    differ = [(key, rec["epoch"], field) for key in sorted(a) for rec in b[key] for field in ("epoch", "batch", "rng")
+              if rec[field] != a[key][0][field]]
+    assert not differ, f"steps of the resumed run that took another batch / RNG state than the uninterrupted one: {differ}"
+    ca, cb = checkpoint_steps(tmp_path / "straight"), checkpoint_steps(tmp_path / "resumed")
+    assert sorted(ca) == sorted(cb) == [4, 8, 12, 16]
+    assert {step: weight_differences(ca[step], cb[step])[:3] for step in ca} == {4: [], 8: [], 12: [], 16: []}
 
 
 @pytest.mark.ray

@@ -21,7 +21,18 @@ buffer measured ~0.33 ms/image at 224 px; it is still available as ``local_shuff
 Each image's augmentation comes from ``default_rng([seed, execution, 1, hash(source path)])``:
 independent of how rows are split into tasks, different every epoch, identical for the same
 (seed, epoch). :func:`iter_batches` sets the execution index of a ``Dataset`` to ``epoch``;
-under Ray Train the index counts the epochs of the run (a resumed run re-draws from 0).
+under Ray Train, Ray's split coordinator counts the executions from the index the dataset
+carries when a worker group starts, which fra's trainer sets to the epoch of the checkpoint the
+group resumes from (:class:`fra.train.ray_trainer.EpochAlignedDataset`), so a resumed or
+restarted run draws the order and augmentations of its own epoch, not those of the first.
+
+Order. :func:`pretrain_dataset` preserves the block order (Ray Data's ``preserve_order``):
+without it blocks leave in the order their tasks finish, and two runs of the same config saw
+the same batches at different steps. With one consumer (a ``Dataset`` iterated directly, or
+one Ray Train worker) the batch at each position of an epoch is thus a pure function of (seed,
+epoch, position). With several Ray Train workers, Ray's streaming split hands each block to
+the worker that asks first, so the per-worker order is not reproducible; the epoch's rows and
+their augmentations still are.
 """
 from __future__ import annotations
 
@@ -98,15 +109,22 @@ def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", s
                    shuffle_rows=shuffle_files)
         _multicrop_transform(tuple(sorted((k, _freeze(v)) for k, v in multicrop.items())))  # bad arguments: fail here
         kwargs = {"seed": int(seed), "multicrop": dict(multicrop), "with_keys": with_keys, "box_scale": box_scale}
-        return ds.map_batches(_multicrop_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
-                              fn_kwargs=kwargs)
+        return _ordered(ds.map_batches(_multicrop_batch, batch_size=batch_size, batch_format="numpy",
+                                       num_cpus=num_cpus, fn_kwargs=kwargs))
     columns = ["image", "label", "path"] + (["mask"] if with_masks else []) + box_column
     ds = _read(manifest, split, columns, seed if shuffle_files else None, shuffle_rows=shuffle_files)
     kwargs = {"image_size": int(image_size), "seed": int(seed), "augment": dict(augment or {}),
               "with_params": with_params, "with_masks": with_masks, "with_keys": with_keys, "box_scale": box_scale,
               "augment_on": augment_on}
-    return ds.map_batches(_two_view_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
-                          fn_kwargs=kwargs)
+    return _ordered(ds.map_batches(_two_view_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                                   fn_kwargs=kwargs))
+
+
+def _ordered(ds):
+    """``ds`` with its block order preserved (module docstring, "Order"). The context is this
+    dataset's own (``read_parquet`` copied the global one), so no other dataset changes."""
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def fer_dataset(shards: str, image_size: int = 224, split: str = "train", train: bool = True, seed: int = 0, *,

@@ -162,6 +162,57 @@ def prepare_data(cfg: PretrainConfig, storage: str):
     return manifest, ds
 
 
+class EpochAlignedDataset:
+    """The training dataset as Ray Train takes it: a callable it calls at every worker-group start.
+
+    Each epoch is one execution of the dataset, and the execution index seeds its file order,
+    row permutation and augmentations (:mod:`fra.data.stream`). Ray's split coordinator, created
+    anew with every worker group (a new run, or a restart after a failure), counts executions
+    from the index the dataset carries. Left at 0, a run resumed in epoch e drew epoch 0's order
+    and augmentations again; here the index is set to the epoch of the checkpoint the new group
+    resumes from (:func:`resume_epoch`, read in the Train controller just before it hands that
+    checkpoint to the workers), so that epoch e always draws epoch e's data.
+    """
+
+    def __init__(self, ds, run_dir: str):
+        self.ds, self.run_dir = ds, run_dir
+
+    def __call__(self):
+        self.ds.context._execution_idx = resume_epoch(self.run_dir)
+        return self.ds
+
+
+def ingest_options(ds):
+    """Ray Train's ingest options for ``ds`` (the driver's, as Ray Train's default) with the dataset's
+    own ``preserve_order``: Ray Train replaces a dataset's execution options with these when it
+    splits it, and its default takes ``preserve_order`` from the global context, not the dataset's
+    (fra.data.stream, "Order": without it blocks reach the worker in task-completion order)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = bool(ds.context.execution_options.preserve_order)
+    return options
+
+
+def resume_epoch(run_dir: str) -> int:
+    """Epoch the workers resume in: that of the latest checkpoint the Train controller has
+    registered for ``run_dir`` (the one Ray gives the workers), from the metrics fra reports with
+    every checkpoint; 0 for a run without a checkpoint."""
+    from fra import storage as st
+
+    snapshot = st.join(run_dir, SNAPSHOT_FILE)
+    if not st.exists(snapshot):
+        return 0
+    try:
+        latest = st.read_json(snapshot).get("latest_checkpoint_result") or {}
+        return int(latest["metrics"]["epoch"]) if latest else 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("cannot read the resume epoch from %s (%s): the data stream starts at epoch 0, the order and "
+                    "augmentations of the resumed epoch will not be those of an uninterrupted run",
+                    st.redact(snapshot), exc)
+        return 0
+
+
 def multicrop_args(cfg: PretrainConfig) -> dict | None:
     """SwAV's multi-crop transform arguments (``model.swav``), or None for two-view methods."""
     if cfg.model.method != "swav":
@@ -216,7 +267,7 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
         inject: test-only fault injection (see :meth:`WorkerHooks._maybe_inject`).
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fra import tracking
@@ -273,7 +324,8 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              callbacks=[PlacementTimeout(timeout, f"{lo} worker(s) x {resources_per_worker(cfg)}"),
                                         *(callbacks or [])]),
-        datasets={"train": ds},
+        datasets={"train": EpochAlignedDataset(ds, run_dir)},
+        dataset_config=DataConfig(execution_options={"train": ingest_options(ds)}),
     )
     saved_env = os.environ.get(START_TIMEOUT_ENV)
     if float(saved_env or 60) > timeout:  # Ray propagates it to the controller at fit()

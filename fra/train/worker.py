@@ -61,13 +61,18 @@ def train_loop_per_worker(config: dict) -> dict:
     hooks = WorkerHooks(cfg, plan, model, optimizer, scaler, rank, world, config, device)
     schedule = Schedule.from_config(cfg.optim, cfg.model, plan["iters_per_epoch"])
     shard = ray.train.get_dataset_shard("train")
+    if rank == 0:
+        check_stream_epoch(shard, state)
     batch = per_worker_batch(plan["global_batch"], world)
     try:
         while state.step < plan["total_steps"]:
             stream = iter_batches(shard, batch, epoch=state.epoch, seed=cfg.data.seed, drop_last=True)
+            batches = seeded_steps(epoch_batches(stream, state, plan["iters_per_epoch"]), state, cfg.run.seed, rank)
+            if hooks.inject.get("trace_to"):
+                batches = _trace(batches, state, rank, Path(hooks.inject["trace_to"]))
+            batches = augment_batches(batches, device)  # data.augment_on=device: the views' per-pixel ops
             stats = train_one_epoch(
-                model, loss_fn, optimizer,
-                augment_batches(epoch_batches(stream, state, plan["iters_per_epoch"]), device), schedule,  # augment_on=device
+                model, loss_fn, optimizer, batches, schedule,
                 state, hooks.normalizer, online=online, scaler=scaler, amp=cfg.scaling.amp,
                 grad_clip=cfg.optim.grad_clip, log_every=cfg.run.log_every, max_steps=plan["total_steps"],
                 finite=hooks.finite, on_log=hooks.on_log, on_step=hooks.on_step)
@@ -89,7 +94,7 @@ def build_training_objects(cfg: PretrainConfig, device: torch.device, rank: int)
     elif cfg.model.norm == "syncbn" and rank == 0:
         log.info("model.norm=syncbn ignored on CPU (torch has no CPU SyncBatchNorm): plain BatchNorm per worker")
     model.to(device)
-    torch.manual_seed(cfg.run.seed + 7919 * rank)  # per-rank dropout draws
+    torch.manual_seed(cfg.run.seed + 7919 * rank)  # per-rank draws until the first step (then seeded_steps)
     loss_fn = build_loss(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cuda") if cfg.scaling.amp == "fp16" and device.type == "cuda" else None
@@ -102,10 +107,8 @@ def resume(checkpoint, model, optimizer, scaler, cfg: PretrainConfig, rank: int,
         return TrainState()
     with checkpoint.as_directory() as d:
         ck = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-    # Rank 0 continues its exact RNG stream; the others re-seed deterministically per step.
+    # torch's RNG is re-seeded before every step (seeded_steps); rank 0 also gets numpy's and Python's back.
     state = restore(ck, model, optimizer, scaler, restore_rng=rank == 0)
-    if rank != 0:
-        torch.manual_seed(cfg.run.seed + 7919 * rank + state.step)
     iters = ck.get("extra", {}).get("iters_per_epoch")
     if rank == 0 and iters not in (None, config["plan"]["iters_per_epoch"]):
         log.warning("the checkpoint was written with %s iterations/epoch, this run has %d (batch size or data "
@@ -155,6 +158,60 @@ def _take(it: Iterator[dict], skip: int, stop: int) -> Iterator[dict]:
                     stop - max(position, skip))
         for _ in range(max(position, skip), stop):
             yield last
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one rank's training step: a pure function of (run.seed, rank, step)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
+
+
+def seeded_steps(batches: Iterable[dict], state: TrainState, seed: int, rank: int) -> Iterator[dict]:
+    """``batches``, seeding torch's global RNG with :func:`step_seed` just before each step takes its batch.
+
+    Dropout and any other draw a step makes from torch's RNG (the CPU and every CUDA generator)
+    thus depend on the step alone, not on how many steps ran in this process: a run resumed or
+    restarted at any step, on any rank, continues with the draws of the uninterrupted run (a
+    checkpoint holds rank 0's CPU RNG only, and no CUDA RNG at all).
+    """
+    for batch in batches:
+        torch.manual_seed(step_seed(seed, rank, state.step))
+        yield batch
+
+
+def check_stream_epoch(shard, state: TrainState) -> None:
+    """Warn if the data stream does not start at the epoch the workers resume in.
+
+    The split coordinator starts counting executions (epochs) from the index the dataset carried
+    when it was created (:class:`fra.train.ray_trainer.EpochAlignedDataset` sets it); a mismatch
+    means this run trains on another epoch's order and augmentations than an uninterrupted one.
+    """
+    try:
+        start = int(getattr(shard.get_context(), "_execution_idx", state.epoch))
+    except Exception as exc:  # noqa: BLE001 - a diagnostic only; the stream itself reports its errors
+        log.debug("cannot read the data stream's epoch: %s", exc)
+        return
+    if start != state.epoch:
+        log.warning("the data stream starts at epoch %d but training resumes in epoch %d: this run draws another "
+                    "epoch's data order and augmentations than an uninterrupted run would", start + 1,
+                    state.epoch + 1)
+
+
+def _trace(batches: Iterable[dict], state: TrainState, rank: int, path: Path) -> Iterator[dict]:
+    """Test hook (inject.trace_to): a JSON line per step and rank with digests of its batch and of
+    torch's RNG state as the step takes the batch."""
+    import hashlib
+    import json
+
+    for batch in batches:
+        digest = hashlib.sha1()
+        for k in sorted(batch):
+            digest.update(k.encode())
+            digest.update(batch[k].cpu().numpy().tobytes())
+        rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]
+        with path.open("a") as f:
+            f.write(json.dumps({"rank": rank, "step": state.step, "epoch": state.epoch,
+                                "batch": digest.hexdigest()[:12], "rng": rng}) + "\n")
+        yield batch
 
 
 def _console() -> None:
