@@ -134,3 +134,36 @@ def test_synthetic_faces_carry_68_ibug_points(tmp_path):
                             images_per_identity=2, size=48)
     rows = _rows(manifest)
     assert len(rows) == 10 and all(len(r["landmarks"]) == 136 for r in rows.values())
+
+
+def test_stream_rows_crop_and_map_back_to_source_pixels(tmp_path):
+    """The Ray Data UDF (called directly, no Ray runtime): crop rows whose points map back exactly to the
+    shard's landmarks, flags in card order, a damaged image as a flagged placeholder, a path-hash val carve."""
+    from fra.data.landmark_augment import invert_points
+    from fra.data.manifest import read_manifest
+    from fra.evaluation.landmarks_data import _landmark_batch, landmark_protocol
+    from tests.data_layouts import CORRUPT
+
+    LANDMARK_BUILDERS["wflw"](tmp_path / "src")
+    manifest = write_shards("wflw", str(tmp_path / "src"), str(tmp_path / "out"), parallel=False)
+    protocol = landmark_protocol(read_manifest(manifest.uri))
+    assert protocol.normalizer_points == (60, 72) and protocol.fr_threshold == 0.10 and len(protocol.flip_pairs) == 44
+    t = pq.read_table(manifest.shard_uris("test")[0]).to_pydict()
+    batch = {k: np.array(t[k] + ([CORRUPT] if k == "image" else [t[k][0]]), dtype=object)
+             for k in ("image", "path", "box", "landmarks", "attributes")}
+    kw = dict(image_size=64, seed=0, num_points=98, num_attributes=6, box_scale=1.25, flip_perm=None, augment={},
+              val_fraction=0.0, select="all")
+    out = _landmark_batch(batch, train=False, **kw)
+    n = len(t["path"])
+    assert out["corrupt"].tolist() == [False] * n + [True]
+    np.testing.assert_allclose(invert_points(out["points"][:n], out["matrix"][:n]),
+                               np.asarray(t["landmarks"], np.float64).reshape(n, 98, 2), atol=1e-3)
+    assert out["attributes"][:n].tolist() == t["attributes"]
+    # the eval crop is the box scaled by 1.25 about its centre: its corners land on the crop's edges
+    x0, y0, x1, y1 = t["box"][0]
+    side = 1.25 * max(x1 - x0, y1 - y0)
+    corner = np.array([[(x0 + x1 - side) / 2, (y0 + y1 - side) / 2]])
+    np.testing.assert_allclose(corner @ out["matrix"][0, :, :2].T + out["matrix"][0, :, 2], [[-0.5, -0.5]], atol=1e-4)
+    train = _landmark_batch(batch, train=True, **{**kw, "val_fraction": 0.5, "select": "train"})
+    val = _landmark_batch(batch, train=False, **{**kw, "val_fraction": 0.5, "select": "val"})
+    assert len(train["image"]) + len(val["image"]) == n + 1
