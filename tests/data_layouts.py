@@ -297,3 +297,31 @@ def build_celeba(root: Path, counts=(("train", 0, 8), ("val", 1, 3), ("test", 2,
 
 
 BUILDERS["celeba"] = build_celeba
+
+
+def build_affectnet_va(root: Path) -> Expected:
+    """AffectNet's layout for the valence/arousal card: the affectnet8 tree plus training rows with
+    distinct valence/arousal (``exp.targets``), one not annotated (-2) and one unparsable, both
+    skipped as unknown_target."""
+    exp = build_affectnet(root, num_classes=8)
+    exp.targets = {p: (0.1, -0.2) for d in exp.good.values() for p in d}
+    csv_path = root / "Manually_Annotated_file_lists" / "training.csv"
+    rows = []
+    for j, (code, v, a) in enumerate([(1, 0.75, 0.5), (2, -0.6, -0.35), (4, -0.25, 0.9), (0, 0.0, -1.0)]):
+        rel = f"va/{j}.jpg"
+        _write(root / "Manually_Annotated_Images" / rel, face_jpeg(50 + j))
+        rows.append([rel, 1, 1, 40, 40, "", code, v, a])
+        exp.add("train", f"Manually_Annotated_Images/{rel}", code)
+        exp.targets[f"Manually_Annotated_Images/{rel}"] = (v, a)
+    for rel, v, a in (("va/unannotated.jpg", -2, -2), ("va/garbled.jpg", "n/a", 0.3)):
+        _write(root / "Manually_Annotated_Images" / rel, face_jpeg(60))
+        rows.append([rel, 1, 1, 40, 40, "", 3, v, a])
+        exp.skipped[f"Manually_Annotated_Images/{rel}"] = "unknown_target"
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    with open(csv_path, "a", newline="") as fh:
+        fh.write(buf.getvalue())
+    return exp
+
+
+BUILDERS["affectnet_va"] = build_affectnet_va

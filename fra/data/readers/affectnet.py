@@ -6,7 +6,10 @@ expression, valence, arousal``; images under ``Manually_Annotated_Images/``. Exp
 Uncertain, No-Face. The card's class list sets the protocol: codes ``>= len(classes)`` up to 10
 are excluded by protocol (counted), anything else is an ``unknown_label`` skip. The face box and
 the 68 landmarks are stored with each image (the original JPEG is kept; cropping to the box is a
-streaming option).
+streaming option). Valence and arousal go to the ``targets`` column when both parse and lie in
+[-1, 1] (-2 marks "not annotated"); with ``require_valence_arousal`` (the ``affectnet_va`` card)
+a row without them is skipped as ``unknown_target``, else it keeps its expression label with no
+targets.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ MAX_CODE = 10
 
 class AffectNetReader(Reader):
     """Reader of the official AffectNet CSV layout (see module docstring)."""
+
+    def target_names(self) -> tuple[str, ...]:
+        return ("valence", "arousal")
 
     def scan(self, split: str) -> Scan:
         files = self.options.get("label_files", {"train": "Manually_Annotated_file_lists/training.csv",
@@ -43,11 +49,25 @@ class AffectNetReader(Reader):
             if not 0 <= code < num_classes:
                 skipped.append(Skip(split, rel, "unknown_label", f"expression {row.get('expression')!r}"))
                 continue
+            targets = _valence_arousal(row)
+            if targets is None and self.options.get("require_valence_arousal", False):
+                skipped.append(Skip(split, rel, "unknown_target",
+                                    f"valence {row.get('valence')!r}, arousal {row.get('arousal')!r}"))
+                continue
             if rel not in sizes:
                 skipped.append(Skip(split, rel, "missing", "listed in the CSV"))
                 continue
-            records.append(Record(split, rel, code, box=_box(row), landmarks=_landmarks(row), size=sizes[rel]))
+            records.append(Record(split, rel, code, box=_box(row), landmarks=_landmarks(row), size=sizes[rel],
+                                  targets=targets))
         return Scan(records, skipped, excluded, text_digest(text))
+
+
+def _valence_arousal(row: dict):
+    try:
+        values = (float(row["valence"]), float(row["arousal"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return values if all(-1.0 <= v <= 1.0 for v in values) else None
 
 
 def _box(row: dict):
