@@ -31,7 +31,7 @@ from fra.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("shards", "pretrain", "sweep", "evaluate", "register", "promote")
+STAGES = ("shards", "pretrain", "sweep", "evaluate", "landmarks", "register", "promote")
 
 
 @config("shards[]")
@@ -56,7 +56,7 @@ class RegisterStage:
 class PromoteStage:
     gate_metric: str = "fer_top1_mean_last5"
     margin: float = bounded(0.0, ge=0)
-    mode: str = one_of("max", "min")
+    mode: str = one_of("max", "min", "auto")  # auto: min for error metrics (NME, FR, RMSE), else max
 
 
 @config("ray")
@@ -86,6 +86,7 @@ class PipelineConfig:
     pretrain: dict = field(default_factory=dict)
     sweep: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
+    landmarks: dict = field(default_factory=dict)  # fra.evaluation.landmarks.LandmarkConfig as written
     register: RegisterStage = field(default_factory=RegisterStage)
     promote: PromoteStage = field(default_factory=PromoteStage)
 
@@ -175,6 +176,13 @@ def stage_config(cfg: PipelineConfig, stage: str):
         data = _with_defaults(cfg.evaluate, {"run": {"name": f"{cfg.name}-fer", "storage_path": f"{storage}/fer"},
                                              "tracking": {"mlflow_uri": uri}})
         return from_dict(FERConfig, data)
+    if stage == "landmarks":
+        from fra.evaluation.landmarks import LandmarkConfig
+
+        data = _with_defaults(cfg.landmarks, {"run": {"name": f"{cfg.name}-landmarks",
+                                                      "storage_path": f"{storage}/landmarks"},
+                                              "tracking": {"mlflow_uri": uri}})
+        return from_dict(LandmarkConfig, data)
     if stage == "sweep":
         from fra.tuning import SweepConfig
         from fra.tuning.config import sweep_section

@@ -79,12 +79,28 @@ def run_evaluate(ctx: StageContext, fer, outputs: dict) -> dict:
             "mlflow_run_id": res.mlflow_run_id}
 
 
+def run_landmarks(ctx: StageContext, cfg, outputs: dict) -> dict:
+    from fra.evaluation.landmarks import evaluate_landmarks
+
+    source = _backbone_for_evaluation(cfg, outputs)
+    res = evaluate_landmarks(cfg, source)
+    return {"backbone": source, "results_path": str(res.results_path), "run_dir": str(res.run_dir),
+            "nme_last": res.nme_last, "nme_mean_last_k": res.nme_mean_last_k, "fr_last": res.fr_last,
+            "auc_last": res.auc_last, "nme_best": res.nme_best, "best_epoch": res.best_epoch,
+            "mlflow_run_id": res.mlflow_run_id}
+
+
 def run_register(ctx: StageContext, reg, outputs: dict) -> dict:
     from fra.registry import fer_metrics_from_results, register_backbone
 
     if "evaluate" in outputs:
         source = outputs["evaluate"]["backbone"]
         metrics, protocol, fingerprint = fer_metrics_from_results(outputs["evaluate"]["results_path"])
+        if "landmarks" in outputs:  # the landmark metrics sit next to FER's, both protocols are compared
+            metrics, protocol, fingerprint = _with_landmarks(outputs["landmarks"], metrics, protocol, fingerprint)
+    elif "landmarks" in outputs:
+        source = outputs["landmarks"]["backbone"]
+        metrics, protocol, fingerprint = _with_landmarks(outputs["landmarks"], {}, "", "")
     elif "pretrain" in outputs:
         source, metrics, protocol, fingerprint = outputs["pretrain"]["export_dir"], {}, "", ""
     else:
@@ -93,6 +109,15 @@ def run_register(ctx: StageContext, reg, outputs: dict) -> dict:
                              eval_protocol=protocol, dataset_fingerprint=fingerprint)
     return {"name": reg.name, "version": int(info.version), "metrics": metrics, "protocol": protocol,
             "dataset_fingerprint": fingerprint}
+
+
+def _with_landmarks(landmarks: dict, metrics: dict, protocol: str, fingerprint: str) -> tuple[dict, str, str]:
+    """Add the ``landmarks_*`` metrics of a landmark results.json; protocols and fingerprints are joined with '+'."""
+    from fra.evaluation.landmarks_report import landmark_metrics_from_results
+
+    more, lm_protocol, lm_fingerprint = landmark_metrics_from_results(landmarks["results_path"])
+    join = lambda a, b: "+".join(p for p in (a, b) if p)  # noqa: E731
+    return {**metrics, **more}, join(protocol, lm_protocol), join(fingerprint, lm_fingerprint)
 
 
 def run_promote(ctx: StageContext, prom, outputs: dict) -> dict:
@@ -109,6 +134,7 @@ STAGE_RUNNERS = {
     "pretrain": run_pretrain,
     "sweep": run_sweep,
     "evaluate": run_evaluate,
+    "landmarks": run_landmarks,
     "register": run_register,
     "promote": run_promote,
 }

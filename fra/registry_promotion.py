@@ -80,6 +80,18 @@ class PromotionDecision:
         return f"{self.name} v{self.candidate}: {self.decision} ({self.reason}); champion: {champion}"
 
 
+LOWER_IS_BETTER = ("nme", "fr", "rmse", "loss", "error")
+
+
+def gate_mode(metric: str, mode: str = "auto") -> str:
+    """``mode``, or for ``auto`` the direction of ``metric`` by its name: ``min`` when a ``_``/``.``-separated
+    word of it is an error (``landmarks_nme_mean_last_k``, ``fr.full``, ``rmse``), else ``max``."""
+    if mode != "auto":
+        return mode
+    words = metric.lower().replace(".", "_").split("_")
+    return "min" if any(w in LOWER_IS_BETTER for w in words) else "max"
+
+
 def promote(name: str, version: int | str, *, gate_metric: str = "fer_top1_mean_last5", margin: float = 0.0,
             mode: str = "max", tracking_uri: str | None = None) -> PromotionDecision:
     """Give ``version`` the ``champion`` alias if it beats the champion (see the module docstring).
@@ -91,8 +103,9 @@ def promote(name: str, version: int | str, *, gate_metric: str = "fer_top1_mean_
         RegistryError: unreachable registry, unknown model/version, or the decision could not be
             recorded (the alias is then put back).
     """
+    mode = gate_mode(gate_metric, mode)
     if mode not in ("max", "min"):
-        raise FraError(f"promotion mode must be 'max' or 'min', got {mode!r}")
+        raise FraError(f"promotion mode must be 'max', 'min' or 'auto', got {mode!r}")
     if margin < 0:
         raise FraError(f"promotion margin must be >= 0, got {margin}")
     uri = resolve_uri(tracking_uri)

@@ -85,3 +85,38 @@ def test_summary_headline_is_the_last_epoch_and_best_is_labelled():
     # the best epoch is chosen among the scheduled evaluations only (every 2nd epoch here)
     s = summarise_landmarks([_entry(1, 1.0), _entry(2, 5.0), _entry(3, 4.0), _entry(4, 7.0)], last_k=1, eval_every=2)
     assert (s["nme_best"], s["best_epoch"]) == (5.0, 2)
+
+
+def test_registry_metrics_and_lower_is_better_gating(tmp_path):
+    """The register stage's landmark metrics (next to FER's) and promotion on NME: lower wins."""
+    import json
+
+    from fra.evaluation.landmarks_report import landmark_metrics_from_results
+    from fra.pipeline_stages import _with_landmarks
+    from fra.registry.connection import DATASET_TAG, PROTOCOL_TAG, READY, STATUS_TAG, ModelVersionInfo
+    from fra.registry_promotion import _judge, gate_mode
+
+    results = {"loss": "star", "headline": {"nme_last": 4.5, "nme_mean_last_k": 4.4, "fr_last": 3.0, "auc_last": 0.55,
+                                            "normalizer": "inter_ocular"},
+               "subsets_last": {"full": {"nme": 4.5}, "pose": {"nme": 7.5}, "blur": {"nme": float("nan")}},
+               "dataset": {"name": "wflw", "fingerprint": "abc"}, "resolved": {"test_split": "test"}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    metrics, protocol, fingerprint = landmark_metrics_from_results(str(path))
+    assert metrics == {"landmarks_nme_last": 4.5, "landmarks_nme_mean_last_k": 4.4, "landmarks_fr_last": 3.0,
+                       "landmarks_auc_last": 0.55, "landmarks_nme.pose": 7.5}
+    assert (protocol, fingerprint) == ("landmarks:star:inter_ocular/wflw/test", "abc")
+    merged = _with_landmarks({"results_path": str(path)}, {"fer_top1_last": 80.0}, "finetune/rafdb/test", "f1")
+    assert merged == ({"fer_top1_last": 80.0, **metrics}, "finetune/rafdb/test+landmarks:star:inter_ocular/wflw/test",
+                      "f1+abc")
+    assert [gate_mode(m) for m in ("landmarks_nme_mean_last_k", "landmarks_fr_last", "landmarks_auc_last",
+                                   "fer_top1_mean_last5")] == ["min", "min", "max", "max"]
+    assert gate_mode("landmarks_nme_last", "max") == "max"  # an explicit mode wins
+
+    def version(v):
+        return ModelVersionInfo(name="m", version=v, run_id="", model_id="", status=READY,
+                                tags={STATUS_TAG: READY, PROTOCOL_TAG: protocol, DATASET_TAG: fingerprint})
+
+    # NME 4.4 vs champion 4.6: lower is better, so the candidate wins; 4.8 loses
+    assert _judge(version(2), version(1), 4.4, 4.6, "landmarks_nme_mean_last_k", 0.0, "min")[0] == "promoted"
+    assert _judge(version(2), version(1), 4.8, 4.6, "landmarks_nme_mean_last_k", 0.0, "min")[0] == "refused"

@@ -1,6 +1,7 @@
 """`fra evaluate`: downstream evaluation of a backbone.
 
     fra evaluate fer CONFIG [--set key=value ...] [--backbone SOURCE] [--name RUN] [--trust-pickle] [--print-config]
+    fra evaluate landmarks CONFIG [...same options]   (fra.cli.evaluate_landmarks)
 
 CONFIG is a :class:`fra.evaluation.fer.FERConfig` YAML (e.g. ``pipelines/fer_rafdb_finetune.yaml``);
 ``--backbone`` overrides ``backbone.source`` (a checkpoint / export path, ``models:/name@alias``,
@@ -29,9 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="unpickle an MLflow model that has no backbone.pt (runs code from the registry: "
                           "only if you trust every writer to it); sets backbone.trust_pickle")
     fer.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    from fra.cli import evaluate_landmarks
+
+    evaluate_landmarks.add_parser(tasks)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "landmarks":
+        from fra.cli import evaluate_landmarks
+
+        return evaluate_landmarks.run(args)
     import yaml
 
     from fra.config import check_path_component, load_config, to_dict
