@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-fast install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fra run pipelines/demo.yaml
 
+# Everything, the cluster-shaped end-to-end tests included (what CI runs).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
+
+# The fast set for development: no test marked slow or cluster (see pyproject.toml's markers).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow and not cluster" tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

@@ -103,3 +103,96 @@ def _mlflow_tracking_uri_stays_in_its_module():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+# ---- MLflow: a new sqlite database starts from a migrated template ---------------------------------
+# MLflow builds a new sqlite database by running every schema migration, about 3-10 s on 2 cores;
+# the suite makes dozens (every pipeline, sweep, registry and evaluation test has its own). In this
+# process, a database MLflow finds empty gets the schema copied from one migrated template (the
+# same MLflow version's own migrations, run once per session) instead; the store then adds its
+# default experiment with its own artifact root as usual. Processes the tests start (MLflow
+# servers, Ray workers, CLI subprocesses) migrate as before.
+def _template_state() -> dict:
+    """Kept on MLflow's module: test modules import this file again as ``tests.conftest``."""
+    import mlflow.store.db.utils as db_utils
+
+    if not hasattr(db_utils, "_fra_test_template"):
+        import threading
+
+        db_utils._fra_test_template = {"lock": threading.Lock()}
+    return db_utils._fra_test_template
+
+
+def _sqlite_path(engine) -> str | None:
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return url.database
+
+
+def mlflow_db_template() -> str:
+    """Path of the migrated, empty sqlite template (made on first use)."""
+    _patch_mlflow_sqlite_init()
+    state = _template_state()
+    with state["lock"]:
+        if "path" not in state:
+            import tempfile
+
+            import sqlalchemy
+
+            path = os.path.join(tempfile.mkdtemp(prefix="fra-mlflow-template-"), "mlflow.db")
+            engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+            try:
+                state["original"](engine)
+            finally:
+                engine.dispose()
+            state["path"] = path
+    return state["path"]
+
+
+def seed_mlflow_db(path) -> str:
+    """Copy the migrated template to ``path`` (for a process this session does not patch, such as
+    an ``mlflow server``); returns its ``sqlite:///`` URI."""
+    import shutil
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    shutil.copyfile(mlflow_db_template(), path)
+    return f"sqlite:///{path}"
+
+
+def _patch_mlflow_sqlite_init() -> None:
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+    import mlflow.store.model_registry.sqlalchemy_store as registry_store
+
+    state = _template_state()
+    with state["lock"]:
+        if "original" in state:
+            return
+        original = state["original"] = db_utils._initialize_tables
+
+    def initialize_from_template(engine):
+        path = _sqlite_path(engine)
+        if path is None:
+            return original(engine)
+        template = mlflow_db_template()
+        engine.dispose()  # no pooled connection holds the empty database while it is filled
+        src, dst = sqlite3.connect(template), sqlite3.connect(path)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+
+    db_utils._initialize_tables = initialize_from_template
+    registry_store._initialize_tables = initialize_from_template
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_sqlite_from_template():
+    import sys
+
+    if "mlflow" in sys.modules:
+        _patch_mlflow_sqlite_init()
+    yield

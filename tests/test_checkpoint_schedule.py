@@ -13,6 +13,7 @@ from fra.models import online_view
 from tests.test_host_syncs import BATCH, MODEL, SIZE, _batches, _setup
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every, minutes, expected", [
     (0, 0.0, []),             # epoch ends only
     (0, 1.0, [4, 8]),         # 25 s steps: 75 s seen at the log of step 3 -> checkpoint at step 4, then 8
@@ -49,6 +50,7 @@ def test_mid_epoch_checkpoints_by_steps_and_wall_clock(monkeypatch, tmp_path, ev
     assert saved == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("action, suspicious_logs, expected, stops", [
     # log every 2 steps, checkpoint every 2, patience 3; a window of 2 suspicious logs (steps 4, 6)
     ("warn", {4, 6}, [2, 4, 6, 8, 10], False),  # warn: checkpoints as usual
@@ -88,6 +90,7 @@ def test_stop_action_holds_checkpoints_back_while_logs_look_collapsed(monkeypatc
     assert saved == expected
 
 
+@pytest.mark.slow
 def test_collapse_detection_is_on_by_default_and_warns_once_per_window(monkeypatch, tmp_path, caplog):
     """Default run settings: 20 suspicious logs in a row warn once (at the 20th) and the run goes on."""
     import fra.train.worker as worker

@@ -54,6 +54,7 @@ def _worker(rank: int, store: str, out_dir: str):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_match_full_batch(tmp_path):
     mp.start_processes(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=W, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(W)]

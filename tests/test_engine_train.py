@@ -57,6 +57,7 @@ def test_schedule_matches_reference_formulas():
     assert s.momentum(0) == pytest.approx(0.996) and s.momentum(s.total_steps) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_is_exact(tmp_path):
     """k steps + save + restore into fresh objects + rest == all steps in one go (bitwise)."""
     data = _batches(4)
@@ -120,6 +121,7 @@ def test_bf16_autocast_on_cpu_trains():
     assert model.online_net.backbone.conv1.weight.dtype == torch.float32  # master weights stay fp32
 
 
+@pytest.mark.slow
 def test_plain_runner_loss_goes_down_and_exports(tmp_path):
     from fra.train.plain import pretrain_plain
 

@@ -216,6 +216,7 @@ def aligned_faces():
     return out
 
 
+@pytest.mark.slow
 def test_probe_on_pretrained_fra_beats_chance(tiny_fra_backbone, aligned_faces):
     from fra.evaluation.probe import linear_probe_features
 
@@ -228,6 +229,7 @@ def test_probe_on_pretrained_fra_beats_chance(tiny_fra_backbone, aligned_faces):
     assert held.eval_on == "holdout" and held.num_train + held.num_eval == 240
 
 
+@pytest.mark.slow
 def test_finetune_from_pretrained_fra_reaches_high_accuracy(tiny_fra_backbone, aligned_faces):
     """The fine-tune protocol's loop (trunk + head, AdamW, warm-up + cosine) in process."""
     from fra.data.augment import FERTransform

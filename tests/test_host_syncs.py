@@ -104,6 +104,7 @@ def test_counter_sees_every_kind_of_read():
                                  "__index__"} <= set(syncs.calls)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fra", "byol"])
 @pytest.mark.parametrize("check_every", [0, 3])
 def test_plain_loop_reads_back_only_at_log_and_check_steps(method, check_every):
@@ -123,6 +124,7 @@ def test_plain_loop_reads_back_only_at_log_and_check_steps(method, check_every):
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in logs)
 
 
+@pytest.mark.slow
 def test_worker_step_reads_back_only_at_log_steps(tmp_path):
     """The Ray Train worker's step: its normaliser, on_step and on_log hooks (collapse detector on)."""
     from fra.train.worker import WorkerHooks
@@ -146,6 +148,7 @@ def test_worker_step_reads_back_only_at_log_steps(tmp_path):
     assert hooks.last_metrics["loss"] > 0
 
 
+@pytest.mark.slow
 def test_deferred_check_names_the_first_bad_step_and_guards_checkpoints():
     """NaN at step 5, checks every 4 steps: a checkpoint hook at step 6 refuses to save."""
     model, loss_fn, opt = _setup()
@@ -168,6 +171,7 @@ def test_deferred_check_names_the_first_bad_step_and_guards_checkpoints():
     assert not all(torch.isfinite(p).all() for p in model.parameters())  # what the check kept out of a file
 
 
+@pytest.mark.slow
 def test_epoch_end_check_catches_what_no_log_step_saw():
     model, loss_fn, opt = _setup()
     schedule = Schedule.from_config(OptimConfig(lr=0.5, epochs=1, warmup_epochs=0), ModelConfig(), 4)
@@ -175,6 +179,7 @@ def test_epoch_end_check_catches_what_no_log_step_saw():
         train_one_epoch(model, loss_fn, opt, _batches(4, nan_at=2), schedule, TrainState(), Normalizer(), log_every=0)
 
 
+@pytest.mark.slow
 def test_worker_never_writes_a_checkpoint_after_a_nonfinite_step(tmp_path, monkeypatch):
     """WorkerHooks.checkpoint (Ray's report faked): NaN injected at step 3, checkpoints every 2 steps."""
     import ray.train
@@ -226,6 +231,7 @@ def _agree(rank: int, world: int, store: str, out_dir: str, bad_rank: int):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_rank", [1, -1])
 def test_two_gloo_workers_agree_on_the_check(tmp_path, bad_rank):
     mp.start_processes(_agree, args=(2, str(tmp_path / "store"), str(tmp_path), bad_rank), nprocs=2,
@@ -240,6 +246,7 @@ def test_two_gloo_workers_agree_on_the_check(tmp_path, bad_rank):
     assert "non-finite loss at step 2: loss (" in message and "on worker(s) 1" in message
 
 
+@pytest.mark.slow
 def test_swav_multicrop_step_with_queue_reads_back_only_at_log_steps():
     """FRL's SwAV: multi-crop views, LARC, distributed Sinkhorn, prototype freezing and the queue."""
     swav = {"num_prototypes": 30, "proj_hidden": 64, "proj_dim": 32, "freeze_prototypes_iters": 2,

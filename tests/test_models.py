@@ -40,6 +40,7 @@ def test_shapes_and_all_trainable_tensors_get_gradients(batch, k, size):
     assert not any(p.requires_grad for p in model.target_net.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_registered_backbone_forward_backward(name):
     cfg = ModelConfig(backbone=name, num_proto=4, **TINY)
@@ -155,6 +156,7 @@ def test_bad_model_config_values_rejected():
         ModelConfig(ema="ema")
 
 
+@pytest.mark.slow
 def test_core_imports_no_ray_or_mlflow():
     code = (
         "import sys; import fra.models, fra.losses, fra.optim, fra.config, fra.engine, fra.checkpoint, "

@@ -98,6 +98,7 @@ def _block_majority(masks: np.ndarray, cells: int) -> np.ndarray:
     return np.where(counts.max(-1) > 0, best, 0)
 
 
+@pytest.mark.slow
 def test_anchors_collapsed_is_0_oracle_is_1_random_maps_about_0(masks128):
     """The normalised score (model - floor) / (oracle - floor), with the floor a collapsed map and
     the oracle each 4 x 4 cell's majority part, both computed here by hand."""
@@ -145,6 +146,7 @@ def test_score_model_with_random_init_baseline():
         score_model(SimpleNamespace(cfg=ModelConfig(method="byol")), SPEC, 4, 64, VGGFACE2_MEAN, VGGFACE2_STD)
 
 
+@pytest.mark.slow
 def test_new_modules_import_no_ray_or_mlflow():
     mods = "fra.evaluation.region_score, fra.models.swav, fra.losses.swav, fra.data.multicrop"
     code = f"import sys, {mods}; bad = {{'ray', 'mlflow'}} & set(sys.modules); assert not bad, bad"

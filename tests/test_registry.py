@@ -88,6 +88,7 @@ def _copy_of_v1(reg, value: float, protocol: str = PROTOCOL, fingerprint: str = 
     return int(mv.version)
 
 
+@pytest.mark.slow
 def test_registered_version_carries_card_metrics_signature(registry):
     import mlflow
 
@@ -122,12 +123,14 @@ def test_registered_version_carries_card_metrics_signature(registry):
     assert v2.tags[PROTOCOL_TAG] == PROTOCOL and float(v2.tags[METRIC_TAG_PREFIX + GATE]) == 55.0
 
 
+@pytest.mark.slow
 def test_first_version_is_promoted_when_there_is_no_champion(registry):
     d = promote(NAME, 1, tracking_uri=registry["uri"])
     assert d.promoted and d.previous_champion is None and "no champion yet" in d.reason
     assert show(NAME, registry["uri"])["aliases"] == {"champion": 1}
 
 
+@pytest.mark.slow
 def test_worse_keeps_champion_better_replaces_it(registry):
     uri = registry["uri"]
     promote(NAME, 1, tracking_uri=uri)
@@ -140,6 +143,7 @@ def test_worse_keeps_champion_better_replaces_it(registry):
     assert show(NAME, uri)["aliases"]["champion"] == better
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, words", [({"protocol": "finetune/rafdb/test"}, "evaluation protocol differs"),
                                            ({"fingerprint": "fp-other"}, "dataset fingerprint differs")])
 def test_different_protocol_or_data_is_refused(registry, change, words):
@@ -151,6 +155,7 @@ def test_different_protocol_or_data_is_refused(registry, change, words):
     assert show(NAME, uri)["aliases"]["champion"] == 1
 
 
+@pytest.mark.slow
 def test_margin_is_honoured(registry):
     uri = registry["uri"]
     promote(NAME, 1, tracking_uri=uri)
@@ -162,6 +167,7 @@ def test_margin_is_honoured(registry):
     assert promote(NAME, 1, mode="min", margin=0.3, tracking_uri=uri).promoted
 
 
+@pytest.mark.slow
 def test_history_records_every_decision_and_rollback_restores(registry):
     uri = registry["uri"]
     better = _copy_of_v1(registry, 63.0)
@@ -187,6 +193,7 @@ def test_history_records_every_decision_and_rollback_restores(registry):
         rollback(NAME, tracking_uri=uri)
 
 
+@pytest.mark.slow
 def test_history_pages_keep_every_entry(registry, monkeypatch):
     import fra.registry_promotion as rp
 
@@ -200,6 +207,7 @@ def test_history_pages_keep_every_entry(registry, monkeypatch):
     assert len(read_history(client(uri), NAME)) == 6
 
 
+@pytest.mark.slow
 def test_unready_version_is_neither_promoted_nor_loaded(registry):
     pending = _copy_of_v1(registry, 99.0, status="pending")
     d = promote(NAME, pending, tracking_uri=registry["uri"])
@@ -208,6 +216,7 @@ def test_unready_version_is_neither_promoted_nor_loaded(registry):
         load_registered(f"models:/{NAME}/{pending}", tracking_uri=registry["uri"])
 
 
+@pytest.mark.slow
 def test_champion_loads_into_torchvision_resnet_any_batch(registry, export_dir):
     import mlflow
     import torchvision
@@ -233,6 +242,7 @@ def test_champion_loads_into_torchvision_resnet_any_batch(registry, export_dir):
             assert torch.allclose(graph(x), trunk(x), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_list_show_and_refused_exit_code(registry, capsys):
     uri = registry["uri"]
     assert fra_main(["registry", "promote", NAME, "1", "--tracking-uri", uri]) == 0
@@ -244,6 +254,7 @@ def test_cli_list_show_and_refused_exit_code(registry, capsys):
     assert [m["champion"] for m in list_models(uri) if m["name"] == NAME] == [1]
 
 
+@pytest.mark.slow
 def test_cli_rollback_restores_the_previous_champion_and_records_it(registry, capsys):
     uri = registry["uri"]
     better = _copy_of_v1(registry, 64.0)
@@ -267,6 +278,7 @@ def test_cli_rollback_restores_the_previous_champion_and_records_it(registry, ca
     assert show(NAME, uri)["aliases"]["champion"] == 1
 
 
+@pytest.mark.slow
 def test_dead_server_fails_fast_and_registers_nothing(export_dir, tmp_path, monkeypatch):
     import mlflow
 
@@ -286,6 +298,7 @@ def test_dead_server_fails_fast_and_registers_nothing(export_dir, tmp_path, monk
     assert fra_main(["registry", "promote", NAME, "1", "--tracking-uri", uri]) == 1
 
 
+@pytest.mark.slow
 def test_failure_after_logging_leaves_no_ready_version(registry, export_dir, monkeypatch):
     import fra.registry.registration as reg_mod
 

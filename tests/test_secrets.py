@@ -223,6 +223,7 @@ def test_demo_pipeline_writes_no_secret(ray_local, tmp_path, env_secret, capsys,
     assert not [c for c in canaries if c.decode() in console]
 
 
+@pytest.mark.slow
 def test_tracking_credentials_are_never_recorded(tmp_path, env_secret, caplog, monkeypatch):
     """MLflow credentials in the environment (the standard way) or in a live tracking URI
     (``http://user:secret@host``, which MLflow's client opens) and a config carrying secrets: the

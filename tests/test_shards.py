@@ -89,6 +89,7 @@ _KILLABLE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_writer_killed_mid_way_leaves_no_partial_shard_and_resumes(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(out)], cwd=Path(__file__).parents[1])

@@ -114,6 +114,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_equal_the_global_batch(tmp_path):
     # Plain subprocesses importing only the loss (spawn would re-import this whole test module).
     procs = [subprocess.Popen([sys.executable, "-c", _GLOO_WORKER, str(r), str(tmp_path / "store"),

@@ -81,6 +81,7 @@ def pickled_registered_model(tmp_path):
     return uri, "models:/not-from-fra@champion", marker
 
 
+@pytest.mark.slow
 def test_registered_model_without_backbone_pt_is_refused(pickled_registered_model):
     from fra.evaluation.backbones import resolve_backbone
     from fra.registry import load_registered
@@ -93,6 +94,7 @@ def test_registered_model_without_backbone_pt_is_refused(pickled_registered_mode
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_registered_model_loads_only_on_explicit_opt_in(pickled_registered_model, caplog):
     """The opt-in path really unpickles (the marker appears) and says so in the log and the provenance."""
     from fra.evaluation.backbones import resolve_backbone
