@@ -54,10 +54,10 @@ class WFLWReader(LandmarkReader):
                 continue
             records.append(Record(split, rel, box=box, landmarks=tuple(marks), attributes=tuple(flags),
                                   size=sizes[image]))
-        self._check_subsets(split, records, len(text.split("\n")))
+        self._check_subsets(split, records)
         return Scan(records, skipped, {}, text_digest(text))
 
-    def _check_subsets(self, split: str, records: list[Record], lines: int) -> None:
+    def _check_subsets(self, split: str, records: list[Record]) -> None:
         expected = self.options.get("expected_subset_sizes") or {}
         if split != "test" or not expected or len(records) != OFFICIAL_TEST_FACES:
             return
