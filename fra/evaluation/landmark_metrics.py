@@ -107,7 +107,7 @@ def landmark_report(nme: np.ndarray, threshold: float, attributes: np.ndarray | 
 
     report = {"full": scores(nme)}
     if attributes is not None and len(attribute_names):
-        flags = np.asarray(attributes, np.float64).reshape(len(nme), -1)
+        flags = np.asarray(attributes, np.float64).reshape(len(nme), len(attribute_names))
         for k, name in enumerate(attribute_names):
             report[name] = scores(nme[flags[:, k] > 0.5])
     return report
