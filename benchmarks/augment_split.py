@@ -12,7 +12,9 @@ photos, 130-250 x 170-300 px, q90):
 * ``device``: CPU milliseconds per image (both views) of :class:`fra.data.device_augment.DeviceAugment`
   on batches of 64 real geometry views with their drawn parameters, one torch thread (a 1-CPU
   Ray Train worker's setting), per chunk size; and of the Normalizer that follows either placement.
-* ``e2e``: a 1-worker ``fra pretrain`` on Ray Train (ResNet-18, hidden 256, K=4, global batch
+* ``e2e`` (needs Ray: run it under the Ray lock): first the Ray Data stream alone with each
+  placement (images per CPU-second of the whole process tree, data_path's protocol, on shards of
+  the ``--images`` JPEGs), then a 1-worker ``fra pretrain`` on Ray Train (ResNet-18, hidden 256, K=4, global batch
   ``--batch``, ``--epochs`` epochs over ``--images`` images from Parquet shards) at each size with
   each placement, interleaved in one Ray session; images/s of the epochs after the first
   (``e2e``: the epoch's images / its wall time, data waits included; ``train``: excluding waits).
@@ -120,7 +122,7 @@ def part_device(jpegs, sizes, trials: int, chunks=(0, 4, 8, 16)) -> dict:
         times = []
         for _ in range(trials):
             c0 = time.process_time()
-            norm(batch["view1"]), norm(batch["view2"])
+            norm(batch["view1"].permute(0, 3, 1, 2)), norm(batch["view2"].permute(0, 3, 1, 2))
             times.append(time.process_time() - c0)
         res["normalizer_both_views"] = round(1000 * min(times) / 64, 3)
         next(augment_batches([batch]))  # the worker's call, default chunk
@@ -145,19 +147,48 @@ def _pretrain_config(args, storage: str, shards: str, size: int, placement: str,
     })
 
 
-def part_e2e(args, jpegs, tmp: str) -> list[dict]:
-    import ray
-
+def _shards(jpegs, root: Path, per_shard: int) -> str:
     from data_path import write_image_folder
     from fra.data.shards import write_shards
+
+    write_image_folder(jpegs, root / "folder")
+    write_shards("image_folder", str(root / "folder"), str(root / "shards"), images_per_shard=per_shard,
+                 row_group_size=per_shard // 2, parallel=False, shuffle=True)
+    return str(root / "shards")
+
+
+def part_stream(shards: str, n: int, sizes) -> dict:
+    """Images per CPU-second of the whole process tree (driver, Ray daemons, Ray Data tasks) while
+    iterating the pretraining stream with each placement (data_path's protocol: a warm-up epoch,
+    then the best of 3 epochs); the device placement's trainer-side ops are not in it (part ``device``)."""
+    from data_path import _epochs
+    from fra.data.stream import iter_batches, pretrain_dataset
+
+    out: dict = {}
+    for size in sizes:
+        for placement in ("workers", "device"):
+            ds = pretrain_dataset(shards, image_size=size, batch_size=32, augment_on=placement)
+            r = _epochs(ds, lambda b: len(b["label"]), n,
+                        iterate=lambda d, e: iter_batches(d, 64, epoch=e, drop_last=False))
+            out.setdefault(size, {})[placement] = r
+            print(f"stream {size}px {placement}: {r}", flush=True)
+    return out
+
+
+def part_e2e(args, jpegs, tmp: str, stream_jpegs=None) -> tuple[list[dict], dict]:
+    import ray
+
     from fra.train.ray_trainer import pretrain_ray
 
-    write_image_folder(jpegs, Path(tmp) / "folder")
-    shards = str(Path(tmp) / "shards")
-    write_shards("image_folder", str(Path(tmp) / "folder"), shards, images_per_shard=128, row_group_size=64,
-                 parallel=False, shuffle=True)
+    shards = _shards(jpegs, Path(tmp) / "e2e", 128)
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    stream = {}
+    if stream_jpegs:  # the Ray Data stream alone, in the same Ray session
+        try:
+            stream = part_stream(_shards(stream_jpegs, Path(tmp) / "stream", 250), len(stream_jpegs), args.sizes)
+        except Exception as exc:  # noqa: BLE001 (a failed stream measurement must not cost the e2e runs)
+            print(f"stream part failed: {exc!r}", flush=True)
     rows = []
     runs = [(size, placement) for size in args.sizes for placement in ("workers", "device")]
     for r in range(args.repeats):
@@ -176,7 +207,7 @@ def part_e2e(args, jpegs, tmp: str) -> list[dict]:
             rows.append(row)
             print(f"e2e: {row}", flush=True)
     ray.shutdown()
-    return rows
+    return rows, stream
 
 
 def table(res: dict) -> str:
@@ -196,6 +227,14 @@ def table(res: dict) -> str:
             m = d["ms_per_image_both_views"]
             lines.append(f"| {size} | {m['chunk_0']} / {m['chunk_4']} / {m['chunk_8']} / {m['chunk_16']} "
                          f"| {m['normalizer_both_views']} |")
+    if res.get("stream"):
+        lines += ["", "| size | Ray Data stream, workers placement (img/CPU-s of the tree; wall) | device placement "
+                  "| device / workers |", "|---|---|---|---|"]
+        for size, st in res["stream"].items():
+            w, d = st["workers"], st["device"]
+            lines.append(f"| {size} | {w['img_per_cpu_s']:.0f} ({w['img_per_wall_s']:.0f} wall) "
+                         f"| {d['img_per_cpu_s']:.0f} ({d['img_per_wall_s']:.0f} wall) "
+                         f"| {d['img_per_cpu_s'] / w['img_per_cpu_s']:.2f}x |")
     if res.get("e2e"):
         lines += ["", "| size | augment_on | e2e img/s (epochs after the first; median, best) | train img/s "
                   "| data wait | wall s |", "|---|---|---|---|---|---|"]
@@ -235,12 +274,13 @@ def main(argv=None) -> int:
         res["device"] = part_device(jpegs[:args.images], args.sizes, args.trials)
     if "e2e" in args.parts:
         with tempfile.TemporaryDirectory(prefix="fra-augsplit-") as tmp:
-            res["e2e"] = part_e2e(args, jpegs[:args.e2e_images], tmp)
+            res["e2e"], res["stream"] = part_e2e(args, jpegs[:args.e2e_images], tmp, jpegs[:args.images])
     res["loadavg_end"] = os.getloadavg()
     if args.out:  # parts run separately (e2e under the Ray lock) accumulate in one file
         old = json.loads(args.out.read_text()) if args.out.exists() else {}
         runs = old.pop("runs", []) + [{k: res[k] for k in ("loadavg_start", "loadavg_end", "args")}]
-        old.update({k: v for k, v in res.items() if k in args.parts}, nproc=res["nproc"], runs=runs)
+        old.update({k: v for k, v in res.items() if k in args.parts or (k == "stream" and "e2e" in args.parts)},
+                   nproc=res["nproc"], runs=runs)
         args.out.write_text(json.dumps(old, indent=1) + "\n")
         res = old
     print(table(res))
