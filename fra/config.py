@@ -161,7 +161,8 @@ class DataConfig:
     # workers (the Ray Data tasks, with the crop) | device (batched on the trainer's device; the
     # workers only decode, crop, resize and flip) | auto = device when scaling.use_gpu, else
     # workers (on a CPU the batched ops cost the trainer more than the workers' fused path).
-    # SwAV's multi-crop always augments on the workers. See augment_placement().
+    # SwAV's multi-crop always augments on the workers; the plain loop (`fra pretrain --plain`) augments
+    # in process. See augment_placement() and benchmarks/RESULTS.md (augmentation split).
     augment_on: str = one_of("auto", "workers", "device")  # auto | workers | device
 
 
