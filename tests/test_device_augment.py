@@ -260,6 +260,18 @@ def test_stream_tasks_ship_geometry_and_parameters_deterministically(crops):
     # batches of the worker placement pass through untouched
     same = {k: torch.from_numpy(v) for k, v in work.items()}
     assert next(augment_batches([same])) is same
+    # face-box crops and part masks: the same crop boxes, flips and masks in both placements
+    from fra.data.decode import encode_png
+
+    boxed = dict(batch, box=[np.array([20, 30, 20 + 80 + i, 30 + 100], np.float32) for i in range(12)],
+                 mask=[encode_png((np.arange(c.height * c.width).reshape(c.height, c.width) % 7).astype(np.uint8))
+                       for c in crops[:12]])
+    kw.update(with_masks=True, box_scale=1.2)
+    work, dev = (_two_view_batch(dict(boxed), augment_on=a, **kw) for a in ("workers", "device"))
+    for k in ("box1", "box2", "flip1", "flip2", "mask1", "mask2"):
+        assert np.array_equal(work[k], dev[k]), k
+    assert not np.array_equal(work["box1"], _two_view_batch(dict(batch), augment_on="device", **dict(
+        kw, with_masks=False, box_scale=0.0))["box1"])  # the face box did change the crops
 
 
 def test_placement_config_and_bad_inputs():
