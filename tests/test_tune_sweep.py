@@ -41,7 +41,11 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory):
-    return tmp_path_factory.mktemp("sweeps")
+    from tests.conftest import seed_mlflow_db
+
+    root = tmp_path_factory.mktemp("sweeps")
+    seed_mlflow_db(root / "mlflow.db")  # the driver and the trials run in other processes: no migration there
+    return root
 
 
 def _write_config(storage: Path, name: str, extra: list[str]) -> Path:
