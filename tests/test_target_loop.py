@@ -80,3 +80,21 @@ def test_affect_fit_reduces_the_loss_on_a_fixed_batch():
     losses = [h["train_loss"] for h in out["history"]]
     assert losses[-1] < 0.5 * losses[0]
     assert len(out["history"][-1]["test_stats"]) == 8  # AFFECT_STATS rows
+
+
+def test_jobs_refuse_shards_without_targets_and_fer_only_options_before_starting_ray(tmp_path):
+    from fra.config import load_config
+    from fra.data.shards import write_shards
+    from fra.errors import ConfigError
+    from fra.evaluation.affect import AffectConfig, evaluate_affect
+    from fra.evaluation.attributes import AttributesConfig, evaluate_attributes
+
+    shards = write_shards("synthetic_faces", "", str(tmp_path / "s"), parallel=False, num_identities=2,
+                          images_per_identity=1, size=32).uri
+    base = {"data": {"shards": shards}, "run": {"storage_path": str(tmp_path)}}
+    with pytest.raises(ConfigError, match="has no attributes"):
+        evaluate_attributes(load_config(AttributesConfig, data=base))
+    with pytest.raises(ConfigError, match="has no targets"):
+        evaluate_affect(load_config(AffectConfig, data=base))
+    with pytest.raises(ConfigError, match="val_fraction is not supported"):
+        evaluate_affect(load_config(AffectConfig, data={**base, "data": {"shards": shards, "val_fraction": 0.1}}))
