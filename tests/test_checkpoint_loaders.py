@@ -52,6 +52,7 @@ def test_official_fra_checkpoint_backbone(tmp_path, fra_model):
     assert _same_backbone(net, fra_model.online_net.backbone.state_dict())
 
 
+@pytest.mark.slow
 def test_official_checkpoint_converts_to_full_model(fra_model):
     sd = official_to_fra_state_dict(_official_checkpoint(fra_model))
     assert not any(k.startswith("encoder_q.") for k in sd)
@@ -79,6 +80,7 @@ def test_frl_release_layout(tmp_path):
     assert _same_backbone(load_backbone(path)[0], ref.state_dict())
 
 
+@pytest.mark.slow
 def test_torchvision_state_dict_and_fra_export(tmp_path, fra_model):
     ref = tvm.resnet50()
     path = tmp_path / "tv.pth"

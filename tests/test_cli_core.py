@@ -49,6 +49,7 @@ def test_heatmaps_command_errors_are_clear(tmp_path, tiny_checkpoint, capsys):
     assert "image folder not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_convert_official_checkpoint(tmp_path, tiny_checkpoint):
     model = tiny_checkpoint[1]
     sd = {f"module.{k}": v for k, v in model.state_dict().items()}
