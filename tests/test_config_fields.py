@@ -21,6 +21,8 @@ import yaml
 from fra.experiments.benchmark import BenchmarkConfig, BenchmarkMethod
 from fra.config import PretrainConfig, load_config
 from fra.errors import ConfigError
+from fra.evaluation.affect import AffectConfig
+from fra.evaluation.attributes import AttributesConfig
 from fra.evaluation.fer import FERConfig
 from fra.pipeline import PipelineConfig, ShardJob
 from fra.tuning.config import SweepConfig
@@ -28,7 +30,7 @@ from fra.typed_config import from_dict, numeric_leaf, rule_of, type_hints
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOTS = {"pretrain": PretrainConfig, "fer": FERConfig, "sweep": SweepConfig, "pipeline": PipelineConfig,
-         "benchmark": BenchmarkConfig}
+         "benchmark": BenchmarkConfig, "attributes": AttributesConfig, "affect": AffectConfig}
 # The smallest valid instance of each root / list item; every generated case changes one key of it.
 BASE = {"benchmark": {"methods": [{"name": "fra", "method": "fra"}], "evaluate": {"linear": {}}}}
 ITEMS = {ShardJob: {"source": "synthetic_faces", "out": "shards/x"}, BenchmarkMethod: {"name": "fra", "method": "fra"}}
@@ -231,6 +233,8 @@ def test_shipped_pipelines_load(path):
         load_benchmark(path)
     elif "stages" in raw or "pretrain" in raw:
         load_pipeline(path)
+    elif path.name.startswith(("attributes_", "affect_")):
+        load_config(AttributesConfig if path.name.startswith("attributes_") else AffectConfig, path)
     elif "protocol" in raw:
         load_config(FERConfig, path)
     else:

@@ -1,6 +1,7 @@
 """`fra evaluate`: downstream evaluation of a backbone.
 
     fra evaluate fer CONFIG [--set key=value ...] [--backbone SOURCE] [--name RUN] [--trust-pickle] [--print-config]
+    fra evaluate attributes|affect CONFIG [...same options]   (fra.cli.evaluate_targets)
     fra evaluate landmarks CONFIG [...same options]   (fra.cli.evaluate_landmarks)
 
 CONFIG is a :class:`fra.evaluation.fer.FERConfig` YAML (e.g. ``pipelines/fer_rafdb_finetune.yaml``);
@@ -30,12 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="unpickle an MLflow model that has no backbone.pt (runs code from the registry: "
                           "only if you trust every writer to it); sets backbone.trust_pickle")
     fer.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    from fra.cli import evaluate_targets
+
+    evaluate_targets.add_parsers(tasks)
     from fra.cli import evaluate_landmarks
 
     evaluate_landmarks.add_parser(tasks)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task in ("attributes", "affect"):
+        from fra.cli import evaluate_targets
+
+        return evaluate_targets.run(args)
     if args.task == "landmarks":
         from fra.cli import evaluate_landmarks
 

@@ -129,7 +129,8 @@ def _ordered(ds):
 
 def fer_dataset(shards: str, image_size: int = 224, split: str = "train", train: bool = True, seed: int = 0, *,
                 batch_size: int = 64, num_cpus: float = 1.0, crop_to_box: bool | None = None,
-                shuffle_files: bool | None = None, augment: dict | None = None, with_keys: bool = False):
+                shuffle_files: bool | None = None, augment: dict | None = None, with_keys: bool = False,
+                extra_columns: tuple[str, ...] = ()):
     """FER fine-tune / probe / eval stream (FRA_SPEC §9 transforms, RandomErasing included).
 
     Args:
@@ -146,18 +147,24 @@ def fer_dataset(shards: str, image_size: int = 224, split: str = "train", train:
         shuffle_files: shuffle file order and rows within blocks per epoch (default: ``train``).
         augment: extra :class:`FERTransform` arguments.
         with_keys: also return ``key`` (int64, :func:`row_key` of the source path).
+        extra_columns: list columns passed through as float32 (B, K) arrays: ``attributes``
+            (CelebA's flags) or ``targets`` (valence, arousal) for the attribute and affect
+            evaluations; a row without a value is an error naming it.
 
     Returns:
-        A lazy ``ray.data.Dataset`` of rows ``{"image": uint8 (3, S, S), "label": int64, "corrupt": bool}``.
+        A lazy ``ray.data.Dataset`` of rows ``{"image": uint8 (3, S, S), "label": int64, "corrupt": bool}``
+        (plus the ``extra_columns``).
     """
     manifest = read_manifest(shards)
     box_scale = _box_scale(manifest.dataset, crop_to_box)
     shuffle = train if shuffle_files is None else shuffle_files
-    columns = ["image", "label", "path"] + (["box"] if box_scale else [])
+    columns = ["image", "label", "path"] + (["box"] if box_scale else []) + list(extra_columns)
     ds = _read(manifest, split, columns, seed if shuffle else None, shuffle_rows=shuffle)
     kwargs = {"image_size": int(image_size), "train": bool(train), "seed": int(seed),
               "mean": tuple(manifest.normalization.get("mean", (0.5231, 0.4044, 0.3489))),
               "augment": dict(augment or {}), "box_scale": box_scale, "with_keys": with_keys}
+    if extra_columns:
+        kwargs["extra_columns"] = tuple(extra_columns)
     return ds.map_batches(_fer_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
                           fn_kwargs=kwargs)
 
@@ -468,7 +475,7 @@ def _multicrop_batch(batch: dict, *, seed: int, multicrop: dict, with_keys: bool
 
 
 def _fer_batch(batch: dict, *, image_size: int, train: bool, seed: int, mean: tuple, augment: dict,
-               box_scale: float = 0.0, with_keys: bool = False) -> dict:
+               box_scale: float = 0.0, with_keys: bool = False, extra_columns: tuple[str, ...] = ()) -> dict:
     transform = _fer_transform(image_size, train, tuple(mean), tuple(sorted(augment.items())))
     execution = _execution_index()
     n = len(batch["image"])
@@ -488,7 +495,21 @@ def _fer_batch(batch: dict, *, image_size: int, train: bool, seed: int, mean: tu
            CORRUPT: corrupt}
     if with_keys:
         out["key"] = np.asarray(keys, dtype=np.int64)
+    for name in extra_columns:
+        out[name] = _stack_values(batch[name], batch["path"], name)
     return out
+
+
+def _stack_values(values, paths, name: str) -> np.ndarray:
+    """A list column as float32 (B, K); every row must have K values."""
+    rows = []
+    for value, path in zip(values, paths):
+        if value is None:
+            raise DataError(f"row {path} has no {name!r} values (shards written without them?)")
+        rows.append(np.asarray(value, np.float32))
+    if len({r.shape for r in rows}) > 1:
+        raise DataError(f"rows of column {name!r} differ in length: {sorted({r.shape for r in rows})}")
+    return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
 
 def _stack_chw(views: list[np.ndarray], size: int) -> np.ndarray:
