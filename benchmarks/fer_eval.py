@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     from fra.data.manifest import read_manifest
     from fra.data.shards import write_shards
 
-    ray.init(num_cpus=args.cores + 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=args.cores + 2, include_dashboard=True, log_to_driver=False,  # State API: Train's PG cleaner
+             configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     torch.set_num_threads(args.cores)
     tmp = tempfile.mkdtemp(prefix="fer_bench_")

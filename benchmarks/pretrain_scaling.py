@@ -73,7 +73,7 @@ def run_ray(args, storage: str, workers: int) -> dict:
     from fra.train.ray_trainer import pretrain_ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # State API: Train's PG cleaner
         ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
     out = pretrain_ray(config(args, storage, f"ray{workers}", workers, "synthetic"))

@@ -241,8 +241,12 @@ def _ensure_ray(cfg: PipelineConfig) -> None:
     check_tracking_uri(tracking_uri(cfg))
 
 
-def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> dict:
-    """Run (or resume) every stage; returns the outputs per stage."""
+def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print, timings: dict | None = None) -> dict:
+    """Run (or resume) every stage; returns the outputs per stage.
+
+    ``echo`` gets one line as each stage starts and ends; ``timings``, if given, gets
+    ``{stage: (status, seconds)}`` with status "ran" or "skipped" (the summary table).
+    """
     from fra.pipeline_stages import STAGE_RUNNERS, StageContext
     from fra.ray_runtime import code_origin
 
@@ -252,6 +256,7 @@ def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> di
     state.note_code(code_origin())
     ctx = StageContext(storage, tracking_uri(cfg))
     outputs: dict[str, dict] = {}
+    timings = {} if timings is None else timings
     for stage in cfg.stages:
         stage_cfg = stage_config(cfg, stage)
         # A stage's identity includes what it consumed from earlier stages.
@@ -260,11 +265,13 @@ def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> di
         if previous is not None:
             echo(f"[{stage}] already done, skipping (outputs in {st.redact(storage)})")
             outputs[stage] = previous
+            timings[stage] = ("skipped", 0.0)
             continue
         state.invalidate_from(stage)
         echo(f"[{stage}] running ...")
         t0 = time.perf_counter()
         outputs[stage] = STAGE_RUNNERS[stage](ctx, stage_cfg, outputs)
         state.record(stage, digest, outputs[stage], time.perf_counter() - t0)
+        timings[stage] = ("ran", time.perf_counter() - t0)
         echo(f"[{stage}] done in {time.perf_counter() - t0:.0f} s")
     return outputs

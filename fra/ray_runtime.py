@@ -14,9 +14,11 @@ never a mix of it and an installed package.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -64,16 +66,63 @@ def init_ray(*, address: str = "", num_cpus: int = 0, dashboard: bool = True, **
     """
     import ray
 
+    from fra import console
+
     os.environ.setdefault(PARQUET_BIN_PACKING_ENV, str(8 << 20))
     if ray.is_initialized():
+        console.on_ray_init("initialized")
         return "initialized"
     found = cluster_address(address)
     if found:
-        ray.init(address=found)
+        ctx = ray.init(address=found)
         log.info("joined the Ray cluster at %s (%d node(s))", found, alive_nodes())
+        _check_state_api(ctx)
+        console.on_ray_init("joined")
         return "joined"
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=dashboard, **local_kwargs)
+    kwargs = {"num_cpus": num_cpus or max(4, os.cpu_count() or 1), "include_dashboard": dashboard, **local_kwargs}
+    if dashboard:
+        kwargs.setdefault("dashboard_port", _free_port())
+        # The State API of *this* Ray for every process it starts: Ray Train's placement-group cleaner
+        # (a detached actor) otherwise looks the cluster up on the machine and fails (or finds another
+        # cluster's dashboard) where more than one Ray runs. Its processes inherit the variable at start.
+        with _environ({API_SERVER_ENV: f"http://127.0.0.1:{kwargs['dashboard_port']}"}):
+            ctx = ray.init(**kwargs)
+    else:
+        ctx = ray.init(**kwargs)
+    _check_state_api(ctx)
+    console.on_ray_init("local")
     return "local"
+
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_state_api(ctx) -> None:
+    """Say once, up front, why Ray Train will complain: a Ray without a dashboard has no State API."""
+    if not getattr(ctx, "dashboard_url", None):
+        log.warning("this Ray has no dashboard, so no State API: Ray Train's placement-group cleaner will log "
+                    "'Failed to query Ray Train Controller actor state' and cannot free the workers of a run "
+                    "that dies; start Ray with the dashboard (ray start --head --include-dashboard=true)")
 
 
 def alive_nodes() -> int:
@@ -196,4 +245,4 @@ def check_worker_code(expected: dict | None, where: str) -> dict:
 
 
 __all__ = ["cluster_address", "init_ray", "alive_nodes", "cluster_capacity", "is_multinode", "check_shared_location",
-           "check_tracking_uri", "SHARED_FILESYSTEM_ENV", "code_origin", "check_worker_code", "PARQUET_BIN_PACKING_ENV"]
+           "check_tracking_uri", "SHARED_FILESYSTEM_ENV", "API_SERVER_ENV", "code_origin", "check_worker_code", "PARQUET_BIN_PACKING_ENV"]

@@ -62,10 +62,14 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump({**to_dict(cfg), "resolved_optim": resolve_optim(cfg)}, sort_keys=False), end="")
         return 0
+    from fra import console
+
+    if console.current() is not None:  # quiet console: Ray's output goes to the run's log file
+        console.current().log_to(cfg.run.storage_path, f"evaluate-{cfg.run.name}")
     result = evaluate_fer(cfg, args.backbone, run_name=args.name)
-    print(f"FER {cfg.protocol} on {cfg.data.shards}: top-1 last {result.top1_last:.2f}%  "
+    console.echo(f"FER {cfg.protocol} on {cfg.data.shards}: top-1 last {result.top1_last:.2f}%  "
           f"mean of last {result.summary['last_k']} {result.top1_mean_last5:.2f}%  "
           f"mean-class {result.mean_class_acc:.2f}%  macro-F1 {result.macro_f1:.2f}%  "
           f"[best epoch {result.best_epoch} on test: {result.top1_best:.2f}%]")
-    print(f"results: {result.results_path}")
+    console.echo(f"results: {result.results_path}")
     return 0

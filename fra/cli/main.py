@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import logging
 import sys
 
 # command name -> (module, one-line help)
@@ -36,61 +35,49 @@ def _available() -> dict[str, tuple[str, str]]:
     return out
 
 
+def _console_options(parser: argparse.ArgumentParser, default) -> None:
+    """``-v`` and ``--progress``, accepted before the command and after it (``fra run X -v``)."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="show everything on the terminal: fra's debug lines and Ray's, MLflow's and the "
+                             "workers' output (by default they go to the run's log file only)")
+    parser.add_argument("--progress", choices=("auto", "live", "lines", "off"), default=default("auto"),
+                        help="progress display of long stages: live = one line redrawn in place, lines = a line "
+                             "per epoch, auto = live on a terminal, lines otherwise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fra", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _console_options(parser, lambda v: v)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
+        _console_options(p, lambda v: argparse.SUPPRESS)  # given after the command, it wins
         p.set_defaults(_module=module)
     return parser
 
 
-class _RedactedStream:
-    """A console stream whose every write is redacted (:func:`fra.redaction.redact_text`)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        from fra.redaction import redact_text
-
-        self.stream.write(redact_text(text))
-        return len(text)
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; everything it prints or logs to the console is redacted."""
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _RedactedStream(sys.stdout), _RedactedStream(sys.stderr)
-    try:
-        return _main(argv)
-    finally:
-        sys.stdout, sys.stderr = saved
-
-
-def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if not getattr(args, "_module", None):
-        parser.print_help()
-        return 2
+    """Run one command in a :func:`fra.console.session`: everything it prints or logs to the console
+    is redacted, and a command that runs Ray work keeps the console quiet (:mod:`fra.console`)."""
+    from fra import console
     from fra.errors import FraError
 
-    try:
-        return int(importlib.import_module(args._module).run(args) or 0)
-    except FraError as exc:
-        print(f"fra {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    with console.session() as con:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        con.configure(verbose=args.verbose, progress=args.progress)
+        if not getattr(args, "_module", None):
+            parser.print_help()
+            return 2
+        try:
+            return int(importlib.import_module(args._module).run(args) or 0)
+        except FraError as exc:
+            con.record_exception(exc)
+            con.error(f"fra {args.command}: error: {exc}")
+            if con.log_path:
+                con.error(f"full log: {con.log_path}")
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

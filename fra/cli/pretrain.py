@@ -37,18 +37,23 @@ def load_pretrain_config(path: str, overrides: list[str] = (), name: str | None 
 
 
 def run(args: argparse.Namespace) -> int:
+    from fra import console
+
     cfg = load_pretrain_config(args.config, args.overrides, args.name)
-    if args.plain:
+    if args.plain:  # one process, no Ray: its log lines stay on the console
         from fra.train.plain import pretrain_plain
 
         result = pretrain_plain(cfg)
-        print(f"checkpoint: {result.checkpoint}\nbackbone:   {result.backbone}")
+        console.echo(f"checkpoint: {result.checkpoint}\nbackbone:   {result.backbone}")
         return 0
     from fra.train.ray_trainer import pretrain_ray
 
+    if console.current() is not None:  # quiet console: Ray's output goes to the run's log file
+        console.current().log_to(cfg.run.storage_path, f"pretrain-{cfg.run.name}")
+    console.echo(f"[pretrain] {cfg.run.name}: {cfg.model.method}, {cfg.optim.epochs} epoch(s) on Ray Train")
     result = pretrain_ray(cfg)
     rv = result.return_value
-    print(f"trained {rv.get('step')}/{rv.get('planned')} steps on {rv.get('world_size')} worker(s)\n"
-          f"checkpoint:  {result.checkpoint}\nbackbone:    {result.backbone}\nmodel card:  {result.model_card}\n"
-          f"mlflow:      {result.tracking_uri} run {result.mlflow_run_id}")
+    console.echo(f"trained {rv.get('step')}/{rv.get('planned')} steps on {rv.get('world_size')} worker(s)\n"
+                 f"checkpoint:  {result.checkpoint}\nbackbone:    {result.backbone}\nmodel card:  {result.model_card}\n"
+                 f"mlflow:      {result.tracking_uri} run {result.mlflow_run_id}")
     return 0

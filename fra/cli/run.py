@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -12,12 +13,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate every stage's config and stop")
 
 
-def summary(cfg, outputs: dict) -> str:
-    """What ran, where the artifacts are, the promoted version."""
+def summary(cfg, outputs: dict, timings: dict | None = None) -> str:
+    """The end of a run: a table of the stages (status, time, headline), then where things are."""
+    from fra.console import table
     from fra.pipeline import tracking_uri
 
-    lines = [f"pipeline {cfg.name}: {' -> '.join(cfg.stages)}", f"  storage: {cfg.storage_path}",
-             f"  MLflow:  {tracking_uri(cfg)}"]
+    timings = timings or {}
+    rows = []
+    for stage in cfg.stages:
+        if stage not in outputs:
+            continue
+        status, seconds = timings.get(stage, ("done", None))
+        rows.append([stage, "skipped" if status == "skipped" else "done",
+                     "-" if status == "skipped" or seconds is None else f"{seconds:.0f} s", _headline(stage, outputs)])
+    lines = [f"pipeline {cfg.name} finished: {' -> '.join(cfg.stages)}", table(rows, ["stage", "status", "time", "result"]),
+             f"  storage: {cfg.storage_path}", f"  MLflow:  {tracking_uri(cfg)}"]
     if "pretrain" in outputs:
         lines.append(f"  pretrain checkpoint: {outputs['pretrain']['checkpoint']}")
         lines.append(f"  exported backbone:   {outputs['pretrain']['backbone']}")
@@ -30,18 +40,36 @@ def summary(cfg, outputs: dict) -> str:
         if s.get("best_pipeline_path"):
             lines.append(f"  sweep best pipeline: {s['best_pipeline_path']}  (fra run reproduces the best trial)")
     if "evaluate" in outputs:
-        e = outputs["evaluate"]
-        lines.append(f"  FER top-1 (mean of last evals) {e['top1_mean_last5']:.2f}%, last {e['top1_last']:.2f}%, "
-                     f"best epoch {e['top1_best']:.2f}% (test-selected), macro-F1 {e['macro_f1']:.2f}%")
-        lines.append(f"  FER results: {e['results_path']}")
-    if "register" in outputs:
-        r = outputs["register"]
-        lines.append(f"  registered: {r['name']} version {r['version']}")
+        lines.append(f"  FER results: {outputs['evaluate']['results_path']}")
     if "promote" in outputs:
         d = outputs["promote"]
         lines.append(f"  promotion: {d['decision']} ({d['reason']}); champion = {d['name']} v{d['champion']}"
                      f"  -> load with models:/{d['name']}@champion")
     return "\n".join(lines)
+
+
+def _headline(stage: str, outputs: dict) -> str:
+    """One short phrase per stage for the summary table."""
+    out = outputs[stage]
+    if stage == "shards":
+        rows = sum(int(c.get("total", 0)) for job in out.values() for c in (job.get("counts") or {}).values()
+                   if isinstance(c, dict))
+        return f"{len(out)} shard set(s), {rows} images"
+    if stage == "pretrain":
+        return f"backbone exported to {Path(str(out['backbone'])).parent.name}/{Path(str(out['backbone'])).name}"
+    if stage == "sweep":
+        best = out.get("best_trial_id")
+        return f"best trial {best}" if best else "no trial finished"
+    if stage == "evaluate" and "top1_mean_last5" in out:
+        return (f"FER top-1 {out['top1_mean_last5']:.2f}% (mean of last evals), last {out['top1_last']:.2f}%, "
+                f"macro-F1 {out['macro_f1']:.2f}%")
+    if stage == "evaluate":
+        return ", ".join(f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float))[:100]
+    if stage == "register":
+        return f"registered: {out['name']} version {out['version']}"
+    if stage == "promote":
+        return f"{out['decision']}: champion {out['name']} v{out['champion']}"
+    return ""
 
 
 def heatmap_location(uri: str, run_id: str | None) -> str:
@@ -60,8 +88,7 @@ def heatmap_location(uri: str, run_id: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from fra import console
     from fra import storage as st
     from fra.experiments.benchmark import is_benchmark_file
     from fra.pipeline import load_pipeline, run_pipeline
@@ -96,7 +123,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.restart:
         st.delete(st.join(cfg.storage_path, "pipeline_state.json"))
-    outputs = run_pipeline(cfg)
-    print(summary(cfg, outputs))
+    con = console.current()
+    if con is not None:
+        con.log_to(cfg.storage_path, "run")
+    console.echo(f"fra run {cfg.name}: {' -> '.join(cfg.stages)}  (storage {st.redact(cfg.storage_path)})")
+    timings: dict = {}
+    outputs = run_pipeline(cfg, echo=console.echo, timings=timings)
     st.write_json(st.join(cfg.storage_path, "summary.json"), outputs)
+    console.echo(summary(cfg, outputs, timings))
     return 0

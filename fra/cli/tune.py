@@ -11,7 +11,6 @@ register -> promote) under ``run.storage_path/run.name``.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,20 +42,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"ok: {cfg.num_samples} sample(s), scheduler {cfg.scheduler.name}, objective "
               f"{cfg.objective.protocol}/{cfg.objective.metric}")
         return 0
+    from fra import console
     from fra.tuning.sweep import SweepInterrupted, run_sweep
 
+    if console.current() is not None:  # quiet console: Ray Tune's and the trials' output go to the log file
+        console.current().log_to(cfg.run.storage_path, f"tune-{cfg.run.name}")
     try:
         result = run_sweep(cfg, resume=not args.fresh)
     except SweepInterrupted as exc:
-        print(f"fra tune: {exc}", file=sys.stderr)
+        console.error(f"fra tune: {exc}")
         return 130
-    print(result.table_text)
+    console.echo(result.table_text)
     if result.best_trial_id is None:
-        print(f"no trial finished its FER evaluation; see {result.table_path}", file=sys.stderr)
+        console.error(f"no trial finished its FER evaluation; see {result.table_path}")
         return 1
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_params.items())
-    print(f"best trial {result.best_trial_id}: {cfg.objective.metric}={result.best_objective:.2f}% ({params})\n"
-          f"best config:   {result.best_config_path}\npipeline:      {result.best_pipeline_path}  (fra run)\n"
-          f"backbone:      {result.best_backbone}\ntable:         {result.table_path}\n"
-          f"plot:          {result.plot_path}\nmlflow run:    {result.mlflow_run_id or '-'}")
+    console.echo(f"best trial {result.best_trial_id}: {cfg.objective.metric}={result.best_objective:.2f}% ({params})\n"
+                 f"best config:   {result.best_config_path}\npipeline:      {result.best_pipeline_path}  (fra run)\n"
+                 f"backbone:      {result.best_backbone}\ntable:         {result.table_path}\n"
+                 f"plot:          {result.plot_path}\nmlflow run:    {result.mlflow_run_id or '-'}")
     return 0

@@ -312,6 +312,7 @@ def fer_train_loop(config: dict) -> dict:
 
     from fra.data.stream import iter_batches
 
+    from fra.console import report_progress
     from fra.ray_runtime import check_worker_code
 
     check_worker_code(config.get("code"), "FER worker")
@@ -348,6 +349,10 @@ def fer_train_loop(config: dict) -> dict:
         if spec.checkpoint_every and (epoch + 1) % spec.checkpoint_every == 0:
             ckpt = save_state(model, optimizer, epoch + 1, hist, rank)
         ray.train.report(metrics, checkpoint=ckpt)
+        if rank == 0:
+            report_progress("evaluate", int(entry.get("epoch", epoch + 1)), spec.epochs, "epoch",
+                            loss=metrics.get("train_loss", float("nan")), top1=metrics.get("test_top1", float("nan")),
+                            images_per_s=metrics.get("train_images_per_s", float("nan")))
 
     result = fit(model, spec, batches("train"), batches("test"), batches("val") if spec.has_val else None,
                  device=ray.train.torch.get_device(), start_epoch=start_epoch, history=history,

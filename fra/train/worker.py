@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fra import dist
+from fra.console import report_progress
 from fra.config import PretrainConfig, dump_yaml, from_dict, per_worker_batch, view_normalization
 from fra.engine import Normalizer, Schedule, TrainState, train_one_epoch
 from fra.errors import DataError
@@ -314,6 +315,9 @@ class WorkerHooks:
         log.info("step %d/%d epoch %d %s lr=%.4g ema=%.5f %.1f img/s data-wait %.0f%%", metrics["step"],
                  self.plan["total_steps"], metrics["epoch"] + 1, parts, metrics["lr"], metrics["momentum"],
                  metrics["images_per_s"], 100 * metrics["data_wait_frac"])
+        report_progress("pretrain", metrics["step"], self.plan["total_steps"], "step", epoch=metrics["epoch"] + 1,
+                        epochs=self.cfg.optim.epochs, loss=metrics.get("loss", float("nan")),
+                        images_per_s=metrics["images_per_s"])
 
     def end_epoch(self, state: TrainState, stats: dict) -> None:
         """Epoch metrics to the history, console and MLflow, then a checkpoint.

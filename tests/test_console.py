@@ -1,0 +1,229 @@
+"""fra's console (issue 15 §1): quiet by default, everything else in the run's log file, a progress
+display fed by the workers' records, the final summary as a table.
+
+The unit tests need no Ray. The end-to-end test runs the demo pipeline's CLI in a child process (its
+own local Ray with log forwarding, as ``make demo`` does; ``ray.address=local`` so that it never joins
+the test session's Ray) with a tiny override. ``-v`` is covered by the unit tests (the same stream path).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fra import console
+
+ROOT = Path(__file__).resolve().parents[1]
+# What Ray's own output looks like on a console: a forwarded worker line "(Actor pid=N) ...", a Ray
+# logger line "2026-12-06 09:00:21,469\tWARNING file.py:85 -- ...", the cleaner's warning, a raw
+# report repr, Ray Data's plan.
+RAY_LINE = re.compile(r"^\((\w+ )?pid=\d+|^\(\w+ pid=\d+|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING|ERROR)\s+\S+\.py:\d+ --"
+                      r"|PlacementGroupCleaner|Failed to query Ray Train Controller|TrainingReport\(|Execution plan of Dataset"
+                      r"|RayDeprecationWarning")
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def streams(monkeypatch):
+    """Stand-ins for the terminal, installed when called (pytest sets its own capture after fixtures)."""
+    def install():
+        out, err = io.StringIO(), io.StringIO()
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", err)
+        return out, err
+    return install
+
+
+def test_quiet_console_sends_foreign_output_and_info_to_the_log_file(tmp_path, streams):
+    out, err = streams()
+    with console.session() as con:
+        path = con.log_to(str(tmp_path), "run")
+        console.echo("[pretrain] running ...")
+        print("(RayTrainWorker pid=12) Reporting training result 1: TrainingReport(checkpoint=None)")
+        print("\x1b[36m(SplitCoordinator pid=7)\x1b[0m Execution plan of Dataset train_1", file=sys.stderr)
+        logging.getLogger("fra.some.stage").info("an info line of fra")
+        logging.getLogger("fra.some.stage").warning("a fra warning")
+        logging.getLogger("ray.data").error("a Ray error")  # errors of any logger are shown
+        logging.getLogger("mlflow.store").warning("an MLflow warning")
+    shown = out.getvalue() + err.getvalue()
+    assert "[pretrain] running ..." in out.getvalue() and "warning: a fra warning" in err.getvalue()
+    assert "a Ray error" in err.getvalue()
+    for hidden in ("TrainingReport", "Execution plan", "an info line of fra", "an MLflow warning"):
+        assert hidden not in shown
+    logged = Path(path).read_text()
+    assert Path(path).parent == tmp_path / "logs" and Path(path).name.startswith("run-")
+    for line in ("(RayTrainWorker pid=12) Reporting training result 1", "(SplitCoordinator pid=7) Execution plan",
+                 "INFO fra.some.stage: an info line of fra", "WARNING mlflow.store: an MLflow warning",
+                 "fra: [pretrain] running ..."):
+        assert line in logged, line
+    assert "\x1b[" not in logged  # colour codes stripped
+    assert sys.stdout is out and sys.stderr is err  # restored
+
+
+def test_verbose_console_shows_everything_and_still_logs_it(tmp_path, streams):
+    out, err = streams()
+    with console.session() as con:
+        con.configure(verbose=True)
+        path = con.log_to(str(tmp_path), "run")
+        print("(RayTrainWorker pid=12) Reporting training result 1")
+        logging.getLogger("fra.x").debug("a debug line")
+    assert "Reporting training result 1" in out.getvalue() and "a debug line" in err.getvalue()
+    assert "Reporting training result 1" in Path(path).read_text()
+
+
+def test_without_a_log_file_the_console_behaves_as_before(streams):
+    out, err = streams()
+    with console.session():
+        print("a command's result")
+        logging.getLogger("fra.registry").info("an info line")
+    assert out.getvalue() == "a command's result\n" and "an info line" in err.getvalue()
+
+
+def test_console_output_and_log_are_redacted(tmp_path, streams, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary-console-secret-123")
+    out, err = streams()
+    with console.session() as con:
+        path = con.log_to(str(tmp_path), "run")
+        console.echo("uses canary-console-secret-123")
+        print("worker says s3://KEYID:uri-secret@bucket/x")
+    assert "canary-console-secret-123" not in out.getvalue()
+    logged = Path(path).read_text()
+    assert "canary-console-secret-123" not in logged and "uri-secret" not in logged and "s3://***@bucket/x" in logged
+
+
+def test_an_exception_is_recorded_in_the_log_and_propagates(tmp_path, streams):
+    streams()
+    with pytest.raises(RuntimeError, match="boom"):
+        with console.session() as con:
+            path = con.log_to(str(tmp_path), "run")
+            raise RuntimeError("boom")
+    assert "RuntimeError: boom" in Path(path).read_text()
+
+
+def test_eta_from_the_observed_rate_hand_computed():
+    # first seen at step 10 at t=100 s, step 20 at t=120 s: 0.5 steps/s, 10 steps left -> 20 s, and 5 s
+    # after the record arrived the countdown shows 15 s
+    rec = {"task": "pretrain", "done": 20, "total": 30, "unit": "step"}
+    assert console.eta_seconds((10, 100.0), rec, 120.0, 125.0) == pytest.approx(15.0)
+    assert console.eta_seconds((20, 100.0), rec, 100.0, 101.0) is None  # one observation: no rate yet
+    assert console.eta_seconds((10, 100.0), {**rec, "done": 30}, 120.0, 125.0) == 0.0
+    assert console.format_duration(15.2) == "0:15" and console.format_duration(3725) == "1:02:05"
+    assert console.format_duration(None) == "--:--"
+
+
+def test_progress_line_fields():
+    line = console.format_progress({"task": "pretrain", "done": 20, "total": 30, "unit": "step", "epoch": 2,
+                                    "epochs": 2, "loss": 3.4928, "images_per_s": 13.44}, 12.0)
+    assert line == "pretrain  step 20/30  epoch 2/2  loss 3.493  13.4 img/s  ETA 0:12"
+    line = console.format_progress({"task": "evaluate", "done": 3, "total": 8, "unit": "epoch", "loss": 1.5,
+                                    "top1": 48.125}, None)
+    assert line == "evaluate  epoch 3/8  loss 1.5  top-1 48.1%  ETA --:--"
+
+
+def _record(task, done, total, unit="step", t=None, **f):
+    return json.dumps({"task": task, "done": done, "total": total, "unit": unit, "t": time.time() if t is None else t,
+                       **f})
+
+
+def test_progress_lines_mode_prints_per_epoch_and_forgets_the_previous_stage(tmp_path, streams):
+    out, _ = streams()
+    with console.session() as con:
+        con.log_to(str(tmp_path), "run")
+        display = console._ProgressDisplay(con, live=False)
+        display._show([("j/pretrain", _record("pretrain", 2, 10, epoch=1, epochs=2, loss=4.0))], 100.0)
+        display._show([("j/pretrain", _record("pretrain", 4, 10, epoch=1, epochs=2, loss=3.9))], 101.0)  # same epoch
+        step6 = _record("pretrain", 6, 10, epoch=2, epochs=2, loss=3.5)
+        display._show([("j/pretrain", step6)], 102.0)
+        display._show([("j/pretrain", step6)], 103.0)  # no change
+        old = _record("pretrain", 7, 10, epoch=2, epochs=2, loss=3.4)  # written before the stage ended, read after
+        con.echo("[pretrain] done in 30 s")
+        display.new_section()
+        display._show([("j/pretrain", old)], 104.0)  # the previous stage's: not shown
+        display._show([("j/pretrain", old), ("j/evaluate", _record("evaluate", 1, 2, "epoch", top1=40.0))], 105.0)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("  ")]
+    # epoch 1 at 100 s; epoch 2 at 102 s (steps 2 -> 6 in 2 s: 2 steps/s, 4 left -> 2 s); then only the new stage
+    assert lines == ["  pretrain  step 2/10  epoch 1/2  loss 4  ETA --:--",
+                     "  pretrain  step 6/10  epoch 2/2  loss 3.5  ETA 0:02",
+                     "  evaluate  epoch 1/2  top-1 40.0%  ETA --:--"]
+
+
+def test_progress_live_mode_redraws_one_line_in_place(tmp_path, monkeypatch):
+    tty, err = _Tty(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", tty)
+    monkeypatch.setattr(sys, "stderr", err)
+    with console.session() as con:
+        con.log_to(str(tmp_path), "run")
+        display = console._ProgressDisplay(con, live=True)
+        display._show([("j/pretrain", _record("pretrain", 2, 10))], 100.0)
+        display._show([("j/pretrain", _record("pretrain", 4, 10))], 102.0)
+        con.echo("[pretrain] done")
+    text = tty.getvalue()
+    assert text.count("\r\x1b[K  pretrain  step") == 2 and "\n  pretrain" not in text  # redrawn, never a new line
+    assert "step 4/10  ETA 0:06" in text  # 2 steps in 2 s, 6 left
+    assert text.endswith("\r\x1b[K[pretrain] done\n")  # the live line is cleared before fra's next line
+
+
+def test_summary_table_aligns_columns():
+    text = console.table([["shards", "done", "3 s", "1 shard set(s), 400 images"],
+                          ["register", "skipped", "-", "registered: fra-demo version 1"]],
+                         ["stage", "status", "time", "result"])
+    assert text.splitlines() == ["stage     status   time  result",
+                                 "--------  -------  ----  ------",
+                                 "shards    done     3 s   1 shard set(s), 400 images",
+                                 "register  skipped  -     registered: fra-demo version 1"]
+
+
+# ---- end to end --------------------------------------------------------------------------------
+TINY = ["pretrain.optim.epochs=1", "pretrain.data.synthetic.num_identities=8", "pretrain.run.checkpoint_every=0",
+        "pretrain.run.log_every=2", "evaluate.optim.epochs=1", "evaluate.optim.warmup_epochs=0",
+        "evaluate.run.last_k=1"]
+
+
+def _fra_run(storage: Path) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "fra.cli.main", "run", str(ROOT / "pipelines" / "demo.yaml"),
+            "--set", f"storage_path={storage}", "--set", "ray.address=local"]
+    for o in TINY:
+        argv += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return subprocess.run(argv, capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=600,
+                          cwd=ROOT)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_cli_console_is_quiet_shows_progress_and_summary_and_the_log_has_the_rest(tmp_path):
+    run = _fra_run(tmp_path / "quiet")
+    console_text = run.stdout + run.stderr
+    assert run.returncode == 0, console_text
+    lines = console_text.splitlines()
+    assert not [ln for ln in lines if RAY_LINE.search(ln)], console_text  # no Ray-internal line
+    for stage in ("shards", "pretrain", "evaluate", "register", "promote"):
+        assert f"[{stage}] running ..." in console_text and re.search(rf"\[{stage}\] done in \d+ s", console_text)
+    # progress from the workers' records (lines mode: output is a pipe), pretraining by step, FER by epoch
+    pretrain = r"^  pretrain  step \d+/\d+  epoch 1/1  loss [\d.]+  [\d.]+ img/s  ETA"
+    evaluate = r"^  evaluate  epoch 1/1  loss [\d.]+  top-1 [\d.]+%  [\d.]+ img/s  ETA"
+    assert re.search(pretrain, console_text, re.M) and re.search(evaluate, console_text, re.M), console_text
+    table = lines.index(next(ln for ln in lines if ln.startswith("stage ") and ln.split() == ["stage", "status", "time",
+                                                                                          "result"]))
+    assert [ln.split()[0] for ln in lines[table + 2:table + 7]] == ["shards", "pretrain", "evaluate", "register",
+                                                                    "promote"]
+    assert "models:/fra-demo@champion" in console_text and len(lines) < 60
+    log_file = Path(next(ln for ln in lines if ln.startswith("log: ")).split()[1])
+    logged = log_file.read_text()
+    # the detail is in the log: Ray's driver lines, the workers' forwarded lines, fra's info lines
+    assert "Started a local Ray instance" in logged and "(RayTrainWorker pid=" in logged
+    assert re.search(r"fra: step 2/\d+ epoch 1", logged) and "INFO fra.train.ray_trainer: pretraining demo-pretrain" in logged
+    # root cause, not display: Ray Train's placement-group cleaner reached the State API every time
+    assert "Failed to query Ray Train Controller actor state" not in logged
