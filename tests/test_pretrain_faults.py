@@ -10,19 +10,25 @@ the end shuts it down and, if a local Ray was running before, starts one again w
 settings of tests/conftest.py. Keep them in this module.
 
 ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` is lowered to 10 s so that a lost node is noticed
-quickly. Each run checks: it finishes, the final step equals the planned count, the resume
-started from a checkpoint (not from scratch) and the model/EMA/optimizer tensors restored by
-the worker equal those in that checkpoint file.
+quickly. The tests wait on the run's state, never a fixed time: the controller's registered
+checkpoints (its snapshot file) before a node is removed, and the controller's state changes
+(:class:`StateLog`, a Train controller callback) before one is added back. Each run checks: it
+finishes, the final step equals the planned count, the resume started from a checkpoint (not
+from scratch) and the model/EMA/optimizer tensors restored by the worker equal those in that
+checkpoint file.
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import ray.cloudpickle
 import torch
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from tests.conftest import LOCAL_RAY
 from tests.test_pretrain_ray import assert_restored_exactly, registered_checkpoints, tiny_config
@@ -52,7 +58,9 @@ def cluster():
     c.add_node(**NODE)
     ray.init(address=c.address, log_to_driver=False, configure_logging=False)
     c.wait_for_nodes()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # StateLog, for the Train controller
     yield c
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ray.shutdown()
     c.shutdown()
     for k, v in saved.items():
@@ -68,6 +76,36 @@ def two_nodes(cluster):
         cluster.add_node(**NODE)
     cluster.wait_for_nodes()
     return next(iter(cluster.worker_nodes))
+
+
+class StateLog(ControllerCallback):
+    """Appends the name of every state the Train controller enters to ``path`` (a file on this machine).
+
+    Pickled by value (see the ``cluster`` fixture): the controller cannot import this test module."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        with open(self.path, "a") as f:
+            f.write(type(current_state).__name__ + "\n")
+
+    def states(self) -> list[str]:
+        try:
+            return Path(self.path).read_text().split()
+        except FileNotFoundError:
+            return []
+
+    def wait_for(self, state: str, after: int, what: str, timeout: float = 180) -> int:
+        """Wait until the controller enters ``state`` after its first ``after`` states; returns the new count."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = self.states()
+            if state in seen[after:]:
+                return len(seen)
+            time.sleep(0.2)
+        raise AssertionError(f"the Train controller did not enter {state} ({what}) within {timeout} s; "
+                             f"its states since then: {self.states()[after:]}")
 
 
 class Background:
@@ -116,10 +154,14 @@ def check_resumed(out, dump: Path, run_dir: Path, at_least: int) -> int:
 
 def test_lost_node_is_replaced_and_the_run_continues(cluster, two_nodes, tmp_path):
     cfg = tiny_config(tmp_path, "replace", *FAULT_CFG)
-    run = Background(cfg, inject={"dump_restored_to": str(tmp_path)})
+    states = StateLog(tmp_path / "controller_states.txt")
+    run = Background(cfg, inject={"dump_restored_to": str(tmp_path)}, callbacks=[states])
     seen = wait_for_checkpoint(tmp_path / "replace", 4)
+    before = len(states.states())
     cluster.remove_node(two_nodes, allow_graceful=False)
-    time.sleep(15)  # > the 10 s start timeout: Ray has tried and failed to place 2 workers at least once
+    # Ray notices the loss, then tries to place 2 workers on the one node left and gives up after
+    # the 10 s start timeout (Scheduling -> Rescheduling): only then does the node come back.
+    states.wait_for("ReschedulingState", before, "a failed attempt to place 2 workers after the node loss")
     cluster.add_node(**NODE)  # what the autoscaler would do
     out = run.join(600)
     assert out.return_value["world_size"] == 2
