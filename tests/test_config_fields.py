@@ -226,11 +226,16 @@ def _shipped(folder):
 @pytest.mark.parametrize("path", _shipped("pipelines"), ids=lambda p: p.name)
 def test_shipped_pipelines_load(path):
     from fra.experiments.benchmark import is_benchmark_file, load_benchmark
+    from fra.experiments.region_awareness import is_region_awareness_file, load_region_awareness, pretrain_config
     from fra.pipeline import load_pipeline
 
     raw = yaml.safe_load(path.read_text())
     if is_benchmark_file(path):
         load_benchmark(path)
+    elif is_region_awareness_file(path):
+        cfg = load_region_awareness(path)
+        for seed in cfg.seeds:  # each seed's pretraining config goes through the typed loader too
+            pretrain_config(cfg, seed)
     elif "stages" in raw or "pretrain" in raw:
         load_pipeline(path)
     elif path.name.startswith(("attributes_", "affect_")):
