@@ -210,7 +210,9 @@ def landmark_train_loop(config: dict) -> dict:
     backbone = ray.get(backbone) if isinstance(backbone, ray.ObjectRef) else backbone
     model = build_model(spec, backbone)
     optimizer = make_optimizer(model, spec)
-    model = ray.train.torch.prepare_model(model)
+    # The baselines train the point maps only, so DDP must not wait for the heat-map head's gradients.
+    ddp = {"find_unused_parameters": True} if spec.loss != "star" else None
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp)
     start_epoch, history = resume_state(ray.train.get_checkpoint(), model, optimizer)
     per_worker = max(1, spec.batch_size // world)
     names = ["train", "test"] + (["val"] if spec.has_val else [])
