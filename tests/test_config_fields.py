@@ -24,13 +24,15 @@ from fra.errors import ConfigError
 from fra.evaluation.affect import AffectConfig
 from fra.evaluation.attributes import AttributesConfig
 from fra.evaluation.fer import FERConfig
+from fra.evaluation.landmarks import LandmarkConfig
 from fra.pipeline import PipelineConfig, ShardJob
 from fra.tuning.config import SweepConfig
 from fra.typed_config import from_dict, numeric_leaf, rule_of, type_hints
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOTS = {"pretrain": PretrainConfig, "fer": FERConfig, "sweep": SweepConfig, "pipeline": PipelineConfig,
-         "benchmark": BenchmarkConfig, "attributes": AttributesConfig, "affect": AffectConfig}
+         "benchmark": BenchmarkConfig, "attributes": AttributesConfig, "affect": AffectConfig,
+         "landmarks": LandmarkConfig}
 # The smallest valid instance of each root / list item; every generated case changes one key of it.
 BASE = {"benchmark": {"methods": [{"name": "fra", "method": "fra"}], "evaluate": {"linear": {}}}}
 ITEMS = {ShardJob: {"source": "synthetic_faces", "out": "shards/x"}, BenchmarkMethod: {"name": "fra", "method": "fra"}}
