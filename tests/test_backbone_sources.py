@@ -89,7 +89,9 @@ def mlflow_sources(tmp_path_factory, fra_model, reference):
     torch.save({"format": "fra-backbone/1", "arch": "resnet18", "state_dict": reference[0]}, root / "backbone.pt")
     with mlflow.start_run(experiment_id=exp) as run:
         mlflow.log_artifact(str(root / "backbone.pt"), artifact_path="export")
-        info = mlflow.pytorch.log_model(fra_model.backbone, name="encoder", serialization_format="pickle")
+        # pip_requirements given: MLflow would otherwise infer them by loading the model in a subprocess
+        info = mlflow.pytorch.log_model(fra_model.backbone, name="encoder", serialization_format="pickle",
+                                        pip_requirements=["torch", "torchvision"])
     version = mlflow.register_model(info.model_uri, "fra-encoder")
     MlflowClient(uri).set_registered_model_alias("fra-encoder", "champion", version.version)
     return uri, "models:/fra-encoder@champion", f"runs:/{run.info.run_id}/export/backbone.pt"
@@ -99,6 +101,7 @@ def _same(src, ref_sd):
     return set(src.state_dict) == set(ref_sd) and all(torch.equal(src.state_dict[k], v) for k, v in ref_sd.items())
 
 
+@pytest.mark.slow
 def test_fra_checkpoint_export_and_directory(tmp_path, fra_model, reference):
     ref_sd, ref_fp = reference
     ckpt, weights = write_fra_run(tmp_path, fra_model)
@@ -110,6 +113,7 @@ def test_fra_checkpoint_export_and_directory(tmp_path, fra_model, reference):
     assert resolve_backbone(str(weights)).normalization == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
 
 
+@pytest.mark.slow
 def test_official_fra_frl_torchvision_module(tmp_path, fra_model, reference):
     ref_sd, ref_fp = reference
     write_official_fra(tmp_path / "fra_official.pth.tar", fra_model, ref_sd)
@@ -163,6 +167,7 @@ def test_wrong_architecture_fails_clearly(tmp_path, reference):
         resolve_backbone(str(tmp_path / "r18.pth"), arch="resnet50")
 
 
+@pytest.mark.slow
 def test_mlflow_model_alias_and_run_artifact(mlflow_sources, reference):
     """The run artifact is fra's backbone.pt; the alias is a pickled model (no backbone.pt), which
     loads only on the explicit trust_pickle opt-in."""
@@ -177,6 +182,7 @@ def test_mlflow_model_alias_and_run_artifact(mlflow_sources, reference):
         resolve_backbone("models:/no-such-model@champion", tracking_uri=uri)
 
 
+@pytest.mark.slow
 def test_an_mlflow_source_leaves_the_process_tracking_uri_alone(mlflow_sources, tmp_path):
     """Loading from a given tracking URI must not re-point later MLflow use in the process: MLflow's
     set_tracking_uri also sets $MLFLOW_TRACKING_URI, which fra's pipelines and registry honour."""
@@ -222,6 +228,7 @@ def eval_sources(tmp_path_factory, fra_model, reference, mlflow_sources):
             "torchvision": (str(write_torchvision(root / "tv.pth", reference[0])), "file", "torchvision")}
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("source_id", ["fra-checkpoint", "fra-export", "mlflow-alias", "fra-official", "frl",
                                        "torchvision"])
