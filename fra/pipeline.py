@@ -1,4 +1,6 @@
-"""Declarative pipelines: shards → pretrain → (sweep) → FER evaluation → register → promote.
+"""Declarative pipelines: shards → pretrain → (sweep) → evaluations → register → promote.
+
+The evaluation stages: ``evaluate`` (FER), ``landmarks``, ``attributes`` and ``affect``.
 
 ``fra run pipelines/<name>.yaml`` runs the stages listed in the file. Each finished stage is
 recorded in ``<storage_path>/pipeline_state.json`` with a hash of its configuration and its
@@ -31,7 +33,7 @@ from fra.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("shards", "pretrain", "sweep", "evaluate", "landmarks", "register", "promote")
+STAGES = ("shards", "pretrain", "sweep", "evaluate", "landmarks", "attributes", "affect", "register", "promote")
 
 
 @config("shards[]")
@@ -56,7 +58,7 @@ class RegisterStage:
 class PromoteStage:
     gate_metric: str = "fer_top1_mean_last5"
     margin: float = bounded(0.0, ge=0)
-    mode: str = one_of("max", "min", "auto")  # auto: min for error metrics (NME, FR, RMSE), else max
+    mode: str = one_of("max", "min", "auto")  # auto: min for error metrics (NME, FR, RMSE), else max (acc, CCC, ...)
 
 
 @config("ray")
@@ -87,6 +89,8 @@ class PipelineConfig:
     sweep: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
     landmarks: dict = field(default_factory=dict)  # fra.evaluation.landmarks.LandmarkConfig as written
+    attributes: dict = field(default_factory=dict)  # fra.evaluation.attributes.AttributesConfig as written
+    affect: dict = field(default_factory=dict)  # fra.evaluation.affect.AffectConfig as written
     register: RegisterStage = field(default_factory=RegisterStage)
     promote: PromoteStage = field(default_factory=PromoteStage)
 
@@ -138,13 +142,15 @@ def load_pipeline(path: str | Path, overrides=()) -> PipelineConfig:
 
 def _check_registered_source(cfg: PipelineConfig) -> None:
     """The register stage needs a local export: refuse, before anything runs, to register what it cannot."""
-    if "register" not in cfg.stages or "evaluate" not in cfg.stages:
+    evaluations = [s for s in ("evaluate", "landmarks", "attributes", "affect") if s in cfg.stages]
+    if "register" not in cfg.stages or not evaluations:
         return
     from fra.evaluation.backbones import MLFLOW_SCHEMES
 
-    source = stage_config(cfg, "evaluate").backbone.source
+    stage = evaluations[0]
+    source = stage_config(cfg, stage).backbone.source
     if source == "random" or source.startswith(("random:", *MLFLOW_SCHEMES)):
-        raise ConfigError(f"the register stage registers the evaluated backbone, but evaluate.backbone.source is "
+        raise ConfigError(f"the register stage registers the evaluated backbone, but {stage}.backbone.source is "
                           f"{source!r}: point it at an export directory or checkpoint, or drop register/promote "
                           "from stages (e.g. --set stages=[shards,evaluate]) to only evaluate it")
 
@@ -183,6 +189,14 @@ def stage_config(cfg: PipelineConfig, stage: str):
                                                       "storage_path": f"{storage}/landmarks"},
                                               "tracking": {"mlflow_uri": uri}})
         return from_dict(LandmarkConfig, data)
+    if stage in ("attributes", "affect"):
+        from fra.evaluation.affect import AffectConfig
+        from fra.evaluation.attributes import AttributesConfig
+
+        data = _with_defaults(getattr(cfg, stage), {"run": {"name": f"{cfg.name}-{stage}",
+                                                            "storage_path": f"{storage}/{stage}"},
+                                                    "tracking": {"mlflow_uri": uri}})
+        return from_dict(AttributesConfig if stage == "attributes" else AffectConfig, data)
     if stage == "sweep":
         from fra.tuning import SweepConfig
         from fra.tuning.config import sweep_section

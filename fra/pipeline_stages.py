@@ -90,34 +90,73 @@ def run_landmarks(ctx: StageContext, cfg, outputs: dict) -> dict:
             "mlflow_run_id": res.mlflow_run_id}
 
 
-def run_register(ctx: StageContext, reg, outputs: dict) -> dict:
-    from fra.registry import fer_metrics_from_results, register_backbone
+def _run_targets(cfg, outputs: dict, evaluate) -> dict:
+    source = _backbone_for_evaluation(cfg, outputs)
+    res = evaluate(cfg, source)
+    m = res.metric
+    return {"backbone": source, "results_path": str(res.results_path), "run_dir": str(res.run_dir), "metric": m,
+            f"{m}_last": res.last, f"{m}_mean_last_k": res.mean_last_k, f"{m}_best_on_test": res.best_on_test,
+            "best_epoch": res.best_epoch, "mlflow_run_id": res.mlflow_run_id}
 
-    if "evaluate" in outputs:
-        source = outputs["evaluate"]["backbone"]
-        metrics, protocol, fingerprint = fer_metrics_from_results(outputs["evaluate"]["results_path"])
-        if "landmarks" in outputs:  # the landmark metrics sit next to FER's, both protocols are compared
-            metrics, protocol, fingerprint = _with_landmarks(outputs["landmarks"], metrics, protocol, fingerprint)
-    elif "landmarks" in outputs:
-        source = outputs["landmarks"]["backbone"]
-        metrics, protocol, fingerprint = _with_landmarks(outputs["landmarks"], {}, "", "")
+
+def run_attributes(ctx: StageContext, cfg, outputs: dict) -> dict:
+    from fra.evaluation.attributes import evaluate_attributes
+
+    return _run_targets(cfg, outputs, evaluate_attributes)
+
+
+def run_affect(ctx: StageContext, cfg, outputs: dict) -> dict:
+    from fra.evaluation.affect import evaluate_affect
+
+    return _run_targets(cfg, outputs, evaluate_affect)
+
+
+EVALUATION_STAGES = ("evaluate", "landmarks", "attributes", "affect")
+
+
+def run_register(ctx: StageContext, reg, outputs: dict) -> dict:
+    """Register the evaluated backbone with the metrics of every evaluation stage that ran (FER's
+    ``fer_*``, ``landmarks_*``, ``attributes_*``, ``affect_*``; protocols and fingerprints joined with
+    '+'), else the pretraining export without metrics."""
+    from fra.registry import fer_metrics_from_results, register_backbone
+    from fra.registry.registration import target_metrics_from_results
+
+    ran = [s for s in EVALUATION_STAGES if s in outputs]
+    if ran:
+        sources = {outputs[s]["backbone"] for s in ran}
+        if len(sources) > 1:
+            raise ConfigError(f"the register stage stores the metrics of one backbone, but the evaluation stages "
+                              f"{ran} evaluated different ones: {sorted(sources)}")
+        source, metrics, protocol, fingerprint = sources.pop(), {}, "", ""
+        readers = {"evaluate": fer_metrics_from_results, "landmarks": _landmark_metrics,
+                   "attributes": target_metrics_from_results, "affect": target_metrics_from_results}
+        for stage in ran:  # each stage's metrics sit next to FER's, all protocols are compared
+            more, p, f = readers[stage](outputs[stage]["results_path"])
+            metrics, protocol, fingerprint = {**metrics, **more}, _join(protocol, p), _join(fingerprint, f)
     elif "pretrain" in outputs:
         source, metrics, protocol, fingerprint = outputs["pretrain"]["export_dir"], {}, "", ""
     else:
-        raise ConfigError("the register stage needs a pretrain or evaluate stage before it")
+        raise ConfigError("the register stage needs a pretrain or evaluation stage before it")
     info = register_backbone(source, reg.name, tracking_uri=ctx.tracking_uri, fer_metrics=metrics,
                              eval_protocol=protocol, dataset_fingerprint=fingerprint)
     return {"name": reg.name, "version": int(info.version), "metrics": metrics, "protocol": protocol,
             "dataset_fingerprint": fingerprint}
 
 
-def _with_landmarks(landmarks: dict, metrics: dict, protocol: str, fingerprint: str) -> tuple[dict, str, str]:
-    """Add the ``landmarks_*`` metrics of a landmark results.json; protocols and fingerprints are joined with '+'."""
+def _landmark_metrics(path) -> tuple[dict, str, str]:
     from fra.evaluation.landmarks_report import landmark_metrics_from_results
 
-    more, lm_protocol, lm_fingerprint = landmark_metrics_from_results(landmarks["results_path"])
-    join = lambda a, b: "+".join(p for p in (a, b) if p)  # noqa: E731
-    return {**metrics, **more}, join(protocol, lm_protocol), join(fingerprint, lm_fingerprint)
+    return landmark_metrics_from_results(path)
+
+
+def _join(a: str, b: str) -> str:
+    return "+".join(p for p in (a, b) if p)
+
+
+def _with_landmarks(landmarks: dict, metrics: dict, protocol: str, fingerprint: str) -> tuple[dict, str, str]:
+    """Add the ``landmarks_*`` metrics of a landmark results.json; protocols and fingerprints are joined with '+'."""
+    more, lm_protocol, lm_fingerprint = _landmark_metrics(landmarks["results_path"])
+    return {**metrics, **more}, _join(protocol, lm_protocol), _join(fingerprint, lm_fingerprint)
 
 
 def run_promote(ctx: StageContext, prom, outputs: dict) -> dict:
@@ -135,6 +174,8 @@ STAGE_RUNNERS = {
     "sweep": run_sweep,
     "evaluate": run_evaluate,
     "landmarks": run_landmarks,
+    "attributes": run_attributes,
+    "affect": run_affect,
     "register": run_register,
     "promote": run_promote,
 }

@@ -218,3 +218,49 @@ def _cleanup(uri: str, mlc, name: str, reg_id: str, state: dict, created_model: 
             call(what, fn, attempts=2)
         except Exception as err:  # noqa: BLE001
             log.warning("cleanup after failed registration of %s: %s failed: %s", name, what, err)
+
+
+def target_metrics_from_results(path: str | Path) -> tuple[dict[str, float], str, str]:
+    """Read an attribute or affect ``results.json`` (``fra evaluate attributes|affect``): (metrics,
+    protocol, dataset fingerprint) for the registry, the metrics prefixed by the kind.
+
+    Attributes: ``attributes_mean_acc_last``, ``attributes_mean_acc_mean_last_k`` (and
+    ``..._at_val_best`` with a validation split; accuracies in %) and
+    ``attributes_mean_balanced_acc_last``. Affect: ``affect_mean_ccc_last`` /
+    ``_mean_last_k`` (/ ``_at_val_best``) and the last epoch's ``affect_<ccc|pcc|rmse|sagr>_<target>``
+    (``affect_ccc_valence``, ``affect_rmse_arousal``, ...). Only RMSE is lower-is-better
+    (:func:`fra.registry_promotion.gate_mode` picks the direction from the name). The protocol string is
+    ``<kind>:<protocol>/<dataset>/<test split>``, so runs are only compared like for like.
+    """
+    import math
+
+    from fra import storage as st
+
+    try:
+        res = st.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"cannot read attribute / affect results {path}: {exc}") from exc
+    kind, metric = res.get("kind"), res.get("metric")
+    if kind not in ("attributes", "affect") or not metric:
+        raise RegistryError(f"{path} is not an attribute or affect results.json (kind {kind!r})")
+
+    def key(*parts) -> str:
+        return "_".join("".join(c if c.isalnum() or c in "-." else "_" for c in str(p)) for p in (kind, *parts))
+
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    head = res.get("headline") or {}
+    metrics = {key(k): float(v) for k, v in head.items() if k.startswith(metric) and finite(v)}
+    last = res.get("last_epoch") or {}
+    if kind == "attributes" and finite(last.get("mean_balanced_acc")):
+        metrics[key("mean_balanced_acc_last")] = float(last["mean_balanced_acc"])
+    if kind == "affect":
+        for name in ("ccc", "pcc", "rmse", "sagr"):
+            for target, v in (last.get(name) or {}).items():
+                if finite(v):
+                    metrics[key(name, target)] = float(v)
+    dataset = res.get("dataset") or {}
+    split = (res.get("resolved") or {}).get("test_split", "")
+    protocol = f"{kind}:" + "/".join(str(p) for p in (res.get("protocol", ""), dataset.get("name", ""), split) if p)
+    return metrics, protocol, str(dataset.get("fingerprint", ""))
