@@ -323,7 +323,6 @@ def _manifest(reader, splits, plans, states, listing_skips, excluded, fingerprin
             per_class["classes"][name] = per_class["classes"].get(name, 0) + n
     for split in splits:
         counts.setdefault(split, {"total": 0, "classes": {}})
-    options = parquet_options(row_group_size)
     card = reader.card
     return Manifest(
         schema_version=SCHEMA_VERSION,

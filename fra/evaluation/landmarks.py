@@ -155,30 +155,11 @@ def evaluate_landmarks(cfg: LandmarkConfig, backbone_source: Any = None, *, run_
 
 def _fit(cfg: LandmarkConfig, spec, backbone_sd: dict, datasets: dict, run_id: str, storage: str) -> dict:
     """Run the Ray Train job (the FER job's settings); returns rank 0's loop output."""
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from fra.evaluation.data import eval_data_config
+    from fra.evaluation.job import fit_evaluation
     from fra.evaluation.landmarks_worker import landmark_train_loop
-    from fra.ray_runtime import code_origin, init_ray
 
-    init_ray()
-    workers = cfg.scaling.num_workers
-    backbone = ray.put(backbone_sd) if workers > 0 else backbone_sd
-    scaling = ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu and workers > 0,
-                            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} if workers else None)
-    trainer = TorchTrainer(
-        landmark_train_loop, train_loop_config={"spec": dataclasses.asdict(spec), "backbone": backbone,
-                                                "code": code_origin()},
-        torch_config=TorchConfig(backend=None if cfg.scaling.use_gpu else "gloo"), scaling_config=scaling,
-        run_config=RunConfig(name=run_id, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
-        datasets=datasets, dataset_config=eval_data_config())
-    result = trainer.fit()
-    if not isinstance(result.return_value, dict) or "history" not in result.return_value:
-        raise RuntimeError(f"landmark run {run_id} returned no history (result: {result})")
-    return result.return_value
+    return fit_evaluation(landmark_train_loop, {"spec": dataclasses.asdict(spec)}, backbone_sd, cfg.scaling, datasets,
+                          run_id, storage, "landmark")
 
 
 __all__ = ["LandmarkConfig", "LandmarkData", "LandmarkModel", "LandmarkOptim", "LandmarkRun", "LandmarkResult",

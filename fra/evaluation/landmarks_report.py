@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fra.config import dump_yaml, flatten
+from fra.config import dump_yaml
 from fra.evaluation.landmark_metrics import summarise_landmarks
-from fra.evaluation.report import skipped_per_pass
+from fra.evaluation.report import epoch_metrics, finish_run, run_params, skipped_per_pass
 from fra.utils.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -167,29 +167,15 @@ def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_di
         from fra import tracking
 
         uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.run.storage_path)
-        params = {**flatten(results["config"]), **{k: v for k, v in results["backbone"].items() if k != "detail"},
-                  "dataset.name": results["dataset"]["name"], "dataset.uri": results["dataset"]["uri"],
-                  "dataset.fingerprint": results["dataset"]["fingerprint"],
-                  **{f"resolved.{k}": v for k, v in flatten(results["resolved"]).items()}}
+        params = run_params(results)
         run_id, _ = tracking.start_run(uri, cfg.tracking.experiment, f"landmarks:{run_dir}", st.basename(run_dir),
                                        params, tags={"fra.kind": "landmark-eval", "fra.loss": cfg.model.loss})
-        client = tracking._client(uri)
         now = int(time.time() * 1000)
-        metrics = []
-        for h in results["history"]:
-            for key in ("train_loss", "lr", *(k for k in h if k.startswith("skipped_corrupt_"))):
-                metrics.append(Metric(key, float(h[key]), now, int(h["epoch"])))
-            for split in ("test", "val"):
-                if split in h:
-                    metrics.append(Metric(f"{split}_nme", float(h[split]["full"]["nme"]), now, int(h["epoch"])))
+        metrics = epoch_metrics(results["history"], now)
+        metrics += [Metric(f"{split}_nme", float(h[split]["full"]["nme"]), now, int(h["epoch"]))
+                    for h in results["history"] for split in ("test", "val") if split in h]
         metrics += [Metric(k, float(v), now, summary["last_epoch"]) for k, v in final_metrics(results).items()]
-        for i in range(0, len(metrics), 1000):
-            chunk = metrics[i:i + 1000]
-            tracking.with_retries(lambda: client.log_batch(run_id, metrics=chunk), "log metrics")
-        for path in artifacts:
-            tracking.log_artifacts(uri, run_id, path)
-        tracking.end_run(uri, run_id)
-        return run_id
+        return finish_run(uri, run_id, metrics, artifacts)
     except Exception as exc:  # noqa: BLE001 - a tracking outage must not lose the results on disk
         log.warning("MLflow logging of the landmark results failed (results are in %s): %s", run_dir, exc)
         return None

@@ -22,7 +22,7 @@ from torch import nn
 from fra import dist
 from fra.engine import Normalizer, autocast_context
 from fra.evaluation.landmark_metrics import is_evaluated_epoch, landmark_report, nme_per_image, normalizing_distance
-from fra.evaluation.worker import resume_state, save_state, skipped_corrupt
+from fra.evaluation.worker import backward_step, resume_state, save_state, skipped_corrupt, start_worker
 from fra.losses.landmarks import LandmarkLoss, decode
 from fra.models.landmarks import LandmarkNet, to_pixels, to_unit
 
@@ -89,14 +89,7 @@ def train_epoch(model, batches: Iterable[dict], optimizer, criterion, spec: Land
         with autocast_context(x.device.type, spec.amp):
             out = model(x)
         loss = criterion({k: v.float() for k, v in out.items()}, target)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_step(loss, optimizer, scaler)
         loss_sum += loss.detach().float().cpu()
         steps, images = steps + 1, images + x.shape[0]
     return {"train_loss": float(loss_sum) / max(steps, 1), "steps": steps, "images": images,
@@ -199,15 +192,9 @@ def landmark_train_loop(config: dict) -> dict:
     import ray.train.torch
 
     from fra.data.stream import iter_batches
-    from fra.ray_runtime import check_worker_code
 
-    check_worker_code(config.get("code"), "landmark worker")
     spec = LandmarkSpec(**config["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(spec.seed)  # identical head init everywhere (DDP also broadcasts rank 0's)
-    backbone = config["backbone"]
-    backbone = ray.get(backbone) if isinstance(backbone, ray.ObjectRef) else backbone
+    rank, world, backbone = start_worker(config, "landmark worker", spec.seed)
     model = build_model(spec, backbone)
     optimizer = make_optimizer(model, spec)
     # The baselines train the point maps only, so DDP must not wait for the heat-map head's gradients.

@@ -132,6 +132,37 @@ def skipped_per_pass(history: list[dict]) -> dict[str, int]:
     return out
 
 
+def run_params(results: dict, **extra) -> dict:
+    """An evaluation run's MLflow params: its config, backbone source + fingerprint, dataset
+    manifest and resolved settings (``extra`` added)."""
+    return {**flatten(results["config"]), **{k: v for k, v in results["backbone"].items() if k != "detail"},
+            "dataset.name": results["dataset"]["name"], "dataset.uri": results["dataset"]["uri"],
+            "dataset.fingerprint": results["dataset"]["fingerprint"], **extra,
+            **{f"resolved.{k}": v for k, v in flatten(results["resolved"]).items()}}
+
+
+def epoch_metrics(history: list[dict], now: int) -> list:
+    """Per-epoch ``train_loss``, ``lr`` and ``skipped_corrupt_*`` as MLflow metrics (step = epoch)."""
+    from mlflow.entities import Metric
+
+    return [Metric(key, float(h[key]), now, int(h["epoch"])) for h in history
+            for key in ("train_loss", "lr", *(k for k in h if k.startswith("skipped_corrupt_")))]
+
+
+def finish_run(uri: str, run_id: str, metrics: list, artifacts) -> str:
+    """Log ``metrics`` (in batches MLflow accepts) and ``artifacts``, then end the run."""
+    from fra import tracking
+
+    client = tracking._client(uri)
+    for i in range(0, len(metrics), 1000):
+        chunk = metrics[i:i + 1000]
+        tracking.with_retries(lambda: client.log_batch(run_id, metrics=chunk), "log metrics")
+    for path in artifacts:
+        tracking.log_artifacts(uri, run_id, path)
+    tracking.end_run(uri, run_id)
+    return run_id
+
+
 def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_dir: str) -> str | None:
     """Params (config, backbone source + fingerprint, dataset manifest), per-epoch and final
     metrics, and the artifacts. Tracking failures are logged, never raised."""
@@ -144,19 +175,11 @@ def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_di
         from fra import tracking
 
         uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.run.storage_path)
-        params = {**flatten(results["config"]), **{k: v for k, v in results["backbone"].items() if k != "detail"},
-                  "dataset.name": results["dataset"]["name"], "dataset.uri": results["dataset"]["uri"],
-                  "dataset.fingerprint": results["dataset"]["fingerprint"],
-                  "dataset.classes": ",".join(results["dataset"]["classes"]),
-                  **{f"resolved.{k}": v for k, v in flatten(results["resolved"]).items()}}
+        params = run_params(results, **{"dataset.classes": ",".join(results["dataset"]["classes"])})
         run_id, _ = tracking.start_run(uri, cfg.tracking.experiment, f"fer:{run_dir}", st.basename(run_dir), params,
                                        tags={"fra.protocol": cfg.protocol, "fra.kind": "fer-eval"})
-        client = tracking._client(uri)
         now = int(time.time() * 1000)
-        metrics = []
-        for h in results["history"]:
-            for key in ("train_loss", "lr", *(k for k in h if k.startswith("skipped_corrupt_"))):
-                metrics.append(Metric(key, float(h[key]), now, int(h["epoch"])))
+        metrics = epoch_metrics(results["history"], now)
         for point in summary["top1_curve"]:
             metrics.append(Metric("test_top1", float(point["top1"]), now, int(point["epoch"])))
         final = {**results["headline"], "top1_best_on_test": summary["top1_best"],
@@ -167,13 +190,7 @@ def _log_mlflow(cfg, summary: dict, results: dict, artifacts: list[Path], run_di
             if acc is not None:
                 final[f"class_acc.{name}"] = acc
         metrics += [Metric(k, float(v), now, summary["last_epoch"]) for k, v in final.items() if v is not None]
-        for i in range(0, len(metrics), 1000):
-            chunk = metrics[i:i + 1000]
-            tracking.with_retries(lambda: client.log_batch(run_id, metrics=chunk), "log metrics")
-        for path in artifacts:
-            tracking.log_artifacts(uri, run_id, path)
-        tracking.end_run(uri, run_id)
-        return run_id
+        return finish_run(uri, run_id, metrics, artifacts)
     except Exception as exc:  # noqa: BLE001 - a tracking outage must not lose the results on disk
         log.warning("MLflow logging of the FER results failed (results are in %s): %s", run_dir, exc)
         return None

@@ -28,7 +28,8 @@ from fra.engine import Normalizer, autocast_context
 from fra.evaluation.backbones import state_dict_fingerprint
 from fra.evaluation.metrics import is_evaluated_epoch
 from fra.evaluation.target_metrics import affect_stats, attribute_stats
-from fra.evaluation.worker import LoopSpec, make_optimizer, resume_state, save_state, set_lr, skipped_corrupt, trunk_state
+from fra.evaluation.worker import (LoopSpec, backward_step, make_optimizer, resume_state, save_state, set_lr,
+                                  skipped_corrupt, start_worker, trunk_state)
 from fra.models.heads import AttributeMLP, ccc_loss
 
 log = logging.getLogger(__name__)
@@ -125,14 +126,7 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer, spec: Loop
         with autocast_context(x.device.type, spec.amp):
             out = model(x)
         loss = task_loss(task, out, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_step(loss, optimizer, scaler)
         loss_sum += loss.detach().float().cpu()
         steps, images, step = steps + 1, images + x.shape[0], step + 1
     elapsed = time.perf_counter() - t0
@@ -214,15 +208,9 @@ def target_train_loop(config: dict) -> dict:
     import ray.train.torch
 
     from fra.data.stream import iter_batches
-    from fra.ray_runtime import check_worker_code
 
-    check_worker_code(config.get("code"), "target-evaluation worker")
     spec, task = LoopSpec(**config["spec"]), TargetTask(**config["task"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(spec.seed)
-    backbone = config["backbone"]
-    backbone = ray.get(backbone) if isinstance(backbone, ray.ObjectRef) else backbone
+    rank, world, backbone = start_worker(config, "target-evaluation worker", spec.seed)
     model = build_model(spec.arch, task, backbone)
     if spec.sync_bn and spec.protocol == "finetune" and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -170,31 +170,12 @@ def run_job(cfg, job: JobKind, task_fields: dict, backbone_source: Any = None, *
 
 
 def _fit(cfg, spec, task, backbone_sd: dict, data: dict, run_id: str, storage: str, score: tuple[str, str]) -> dict:
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from fra.evaluation.data import eval_data_config
+    from fra.evaluation.job import fit_evaluation
     from fra.evaluation.target_loop import target_train_loop
-    from fra.ray_runtime import code_origin, init_ray
 
-    init_ray()
-    workers = cfg.scaling.num_workers
-    backbone = ray.put(backbone_sd) if workers > 0 else backbone_sd
-    scaling = ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu and workers > 0,
-                            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} if workers else None)
-    trainer = TorchTrainer(
-        target_train_loop,
-        train_loop_config={"spec": dataclasses.asdict(spec), "task": dataclasses.asdict(task), "backbone": backbone,
-                           "score": list(score), "code": code_origin()},
-        torch_config=TorchConfig(backend=None if cfg.scaling.use_gpu else "gloo"), scaling_config=scaling,
-        run_config=RunConfig(name=run_id, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
-        datasets=data, dataset_config=eval_data_config())
-    result = trainer.fit()
-    if not isinstance(result.return_value, dict) or "history" not in result.return_value:
-        raise RuntimeError(f"{task.kind} run {run_id} returned no history (result: {result})")
-    return result.return_value
+    return fit_evaluation(target_train_loop, {"spec": dataclasses.asdict(spec), "task": dataclasses.asdict(task),
+                                              "score": list(score)},
+                          backbone_sd, cfg.scaling, data, run_id, storage, task.kind)
 
 
 def write_outputs(cfg, job: JobKind, out: dict, context: dict, location: str, names: list[str],
@@ -289,20 +270,14 @@ def _log_mlflow(cfg, job: JobKind, summary: dict, results: dict, last: dict, nam
 
         from fra import storage as st
         from fra import tracking
+        from fra.evaluation.report import epoch_metrics, finish_run, run_params
 
         uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.run.storage_path)
-        params = {**flatten(results["config"]), **{k: v for k, v in results["backbone"].items() if k != "detail"},
-                  "dataset.name": results["dataset"]["name"], "dataset.uri": results["dataset"]["uri"],
-                  "dataset.fingerprint": results["dataset"]["fingerprint"],
-                  **{f"resolved.{k}": v for k, v in flatten(results["resolved"]).items()}}
+        params = run_params(results)
         run_id, _ = tracking.start_run(uri, cfg.tracking.experiment, f"{job.kind}:{location}", st.basename(location),
                                        params, tags={"fra.protocol": cfg.protocol, "fra.kind": f"{job.kind}-eval"})
-        client = tracking._client(uri)
         now = int(time.time() * 1000)
-        metrics = []
-        for h in results["history"]:
-            for key in ("train_loss", "lr", *(k for k in h if k.startswith("skipped_corrupt_"))):
-                metrics.append(Metric(key, float(h[key]), now, int(h["epoch"])))
+        metrics = epoch_metrics(results["history"], now)
         for point in summary["curve"]:
             metrics.append(Metric(f"test_{job.metric}", float(point["value"]), now, int(point["epoch"])))
         final = {**{k: v for k, v in results["headline"].items() if isinstance(v, (int, float))},
@@ -310,13 +285,7 @@ def _log_mlflow(cfg, job: JobKind, summary: dict, results: dict, last: dict, nam
                  **{f"last.{k}": v for k, v in flat_report(last).items()}}
         metrics += [Metric(_mlflow_key(k), float(v), now, summary["last_epoch"]) for k, v in final.items()
                     if v is not None and v == v]
-        for i in range(0, len(metrics), 1000):
-            chunk = metrics[i:i + 1000]
-            tracking.with_retries(lambda: client.log_batch(run_id, metrics=chunk), "log metrics")
-        for path in artifacts:
-            tracking.log_artifacts(uri, run_id, path)
-        tracking.end_run(uri, run_id)
-        return run_id
+        return finish_run(uri, run_id, metrics, artifacts)
     except Exception as exc:  # noqa: BLE001 - a tracking outage must not lose the results on disk
         log.warning("MLflow logging of the %s results failed (results are in %s): %s", job.kind, location, exc)
         return None

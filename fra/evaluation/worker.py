@@ -119,19 +119,24 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer, spec: Loop
         set_lr(optimizer, step, spec)
         with autocast_context(x.device.type, spec.amp):
             loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_step(loss, optimizer, scaler)
         loss_sum += loss.detach().float().cpu()
         steps, images, step = steps + 1, images + x.shape[0], step + 1
     elapsed = time.perf_counter() - t0
     return {"train_loss": float(loss_sum) / max(steps, 1), "steps": steps, "images": images,
             "train_images_per_s": images / max(elapsed, 1e-9)}, step
+
+
+def backward_step(loss: torch.Tensor, optimizer, scaler) -> None:
+    """One optimiser step on ``loss`` (through the fp16 grad scaler when there is one)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 @torch.no_grad()
@@ -300,8 +305,28 @@ def resume_state(checkpoint, model: nn.Module, optimizer) -> tuple[int, list]:
         state = torch.load(f"{d}/state.pt", map_location="cpu", weights_only=True)
     dist.unwrap_model(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    log.info("resuming FER run at epoch %d", state["epoch"])
+    log.info("resuming the evaluation run at epoch %d", state["epoch"])
     return int(state["epoch"]), list(state["history"])
+
+
+def start_worker(config: dict, where: str, seed: int) -> tuple[int, int, dict]:
+    """A Train worker's first steps: check it runs the driver's code, seed torch so every rank
+    builds the same head (DDP also broadcasts rank 0's), fetch the backbone weights.
+
+    Returns:
+        ``(rank, world size, backbone state dict)``.
+    """
+    import ray
+    import ray.train
+
+    from fra.ray_runtime import check_worker_code
+
+    check_worker_code(config.get("code"), where)
+    ctx = ray.train.get_context()
+    torch.manual_seed(seed)
+    backbone = config["backbone"]
+    backbone = ray.get(backbone) if isinstance(backbone, ray.ObjectRef) else backbone
+    return ctx.get_world_rank(), ctx.get_world_size(), backbone
 
 
 def fer_train_loop(config: dict) -> dict:
@@ -313,15 +338,9 @@ def fer_train_loop(config: dict) -> dict:
     from fra.data.stream import iter_batches
 
     from fra.console import report_progress
-    from fra.ray_runtime import check_worker_code
 
-    check_worker_code(config.get("code"), "FER worker")
     spec = LoopSpec(**config["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(spec.seed)  # identical head init everywhere (DDP also broadcasts rank 0's)
-    backbone = config["backbone"]
-    backbone = ray.get(backbone) if isinstance(backbone, ray.ObjectRef) else backbone
+    rank, world, backbone = start_worker(config, "FER worker", spec.seed)
     model = build_classifier(spec.arch, spec.num_classes, backbone)
     if spec.sync_bn and spec.protocol == "finetune" and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # before DDP; GPU only (RAY_NOTES §3)

@@ -266,7 +266,6 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
             reports made with every checkpoint (epoch ends and ``run.checkpoint_every``).
         inject: test-only fault injection (see :meth:`WorkerHooks._maybe_inject`).
     """
-    import ray
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -284,7 +283,6 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
     check_cluster(cfg)
     storage = st.absolute(cfg.run.storage_path)
     check_shared_location("run.storage_path", storage)
-    remote = st.is_uri(storage)
     run_dir = st.join(storage, cfg.run.name)
     manifest, ds = prepare_data(cfg, storage)
     plan = make_plan(cfg, manifest.num_rows(cfg.data.split))
