@@ -216,7 +216,8 @@ def _trace(batches: Iterable[dict], state: TrainState, rank: int, path: Path) ->
 
 
 def _console() -> None:
-    """Progress lines on the driver console (Ray forwards worker stderr)."""
+    """Worker log lines on stderr, which Ray forwards to the driver: they go to the run's log file (on the
+    console only with `-v`); the live progress display comes from :func:`fra.console.report_progress`."""
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s fra: %(message)s", "%H:%M:%S"))
