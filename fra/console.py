@@ -227,8 +227,25 @@ class Console:
         self._live = ""  # the progress line currently drawn on the terminal (live mode)
         self._progress: _ProgressDisplay | None = None
         self._saved: tuple = ()
+        self._adopted: list[tuple[logging.Logger, list[logging.Handler]]] = []
 
     # -- set-up -------------------------------------------------------------------------------
+    def adopt_loggers(self) -> None:
+        """Route the loggers of libraries that print for themselves (Ray and MLflow install a stream
+        handler on their logger and stop propagation) through the console's handlers, so their
+        records reach the log file and their errors the terminal whatever the import order was.
+        Called when the console opens, when Ray starts and at each fra line; undone in :meth:`close`."""
+        for logger in list(logging.Logger.manager.loggerDict.values()):
+            if not isinstance(logger, logging.Logger) or logger.propagate:
+                continue
+            own = [h for h in logger.handlers
+                   if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+            if own:
+                for h in own:
+                    logger.removeHandler(h)
+                logger.propagate = True
+                self._adopted.append((logger, own))
+
     def open(self) -> None:
         self.out, self.err = sys.stdout, sys.stderr
         self._streams = (_Stream(self, self.out, "stdout"), _Stream(self, self.err, "stderr"))
@@ -240,6 +257,7 @@ class Console:
         self._saved = (root.level,)
         root.setLevel(logging.DEBUG if self.verbose else logging.INFO)
         root.addHandler(self._handlers[0])
+        self.adopt_loggers()
 
     def log_to(self, storage: str, label: str) -> str:
         """Open the run's log file under ``<storage>/logs/`` and turn the console quiet.
@@ -273,6 +291,7 @@ class Console:
 
     def ray_ready(self, own: bool) -> None:
         self._own_ray = self._own_ray or own
+        self.adopt_loggers()
         if not self.capturing:
             return
         mode = self.progress_mode
@@ -292,6 +311,7 @@ class Console:
     # -- output -------------------------------------------------------------------------------
     def echo(self, text: str = "") -> None:
         """fra's own line(s): on the terminal (stdout), and in the log file."""
+        self.adopt_loggers()  # a library imported since the last line (e.g. MLflow by a stage)
         if self._progress is not None:
             self._progress.new_section()
         self.term_write(self.out, redact_text(text) + "\n")
@@ -371,6 +391,11 @@ class Console:
         for h in self._handlers:
             root.removeHandler(h)
         root.setLevel(self._saved[0])
+        for logger, own in reversed(self._adopted):
+            logger.propagate = False
+            for h in own:
+                logger.addHandler(h)
+        self._adopted.clear()
         self.capturing = False
         if self._file is not None:
             self._file.close()

@@ -72,6 +72,31 @@ def test_quiet_console_sends_foreign_output_and_info_to_the_log_file(tmp_path, s
     assert sys.stdout is out and sys.stderr is err  # restored
 
 
+def test_libraries_imported_before_the_console_are_routed_through_it(tmp_path, streams):
+    """Ray and MLflow give their loggers a stream handler of their own and stop propagation at
+    import; imported before the console opened, their lines must still go to the log file (errors
+    also to the terminal) and their handlers come back afterwards."""
+    import mlflow  # noqa: F401 - configures the "mlflow" logger
+    import ray  # noqa: F401 - configures the "ray" logger
+
+    before = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in ("ray", "mlflow")}
+    assert all(handlers and not propagate for handlers, propagate in before.values())
+    out, err = streams()
+    with console.session() as con:
+        path = con.log_to(str(tmp_path), "run")
+        logging.getLogger("ray.train").info("a Ray info line")
+        logging.getLogger("ray.data").error("a Ray error")
+        logging.getLogger("mlflow.tracking").warning("an MLflow warning")
+    assert "a Ray error" in err.getvalue()
+    assert "a Ray info line" not in out.getvalue() + err.getvalue()
+    assert "an MLflow warning" not in out.getvalue() + err.getvalue()
+    logged = Path(path).read_text()
+    for line in ("INFO ray.train: a Ray info line", "ERROR ray.data: a Ray error",
+                 "WARNING mlflow.tracking: an MLflow warning"):
+        assert line in logged, line
+    assert {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in before} == before
+
+
 def test_verbose_console_shows_everything_and_still_logs_it(tmp_path, streams):
     out, err = streams()
     with console.session() as con:
