@@ -10,7 +10,6 @@ values of every worker are gathered, so a sharded test set gives the single-proc
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -22,7 +21,7 @@ from torch import nn
 from fra import dist
 from fra.engine import Normalizer, autocast_context
 from fra.evaluation.landmark_metrics import is_evaluated_epoch, landmark_report, nme_per_image, normalizing_distance
-from fra.evaluation.worker import backward_step, resume_state, save_state, skipped_corrupt, start_worker
+from fra.evaluation.worker import backward_step, end_epoch, resume_state, save_state, start_worker
 from fra.losses.landmarks import LandmarkLoss, decode
 from fra.models.landmarks import LandmarkNet, to_pixels, to_unit
 
@@ -173,15 +172,7 @@ def fit(model: nn.Module, spec: LandmarkSpec, train_batches: Callable[[int], Ite
                 if split == "test":
                     examples = found
             entry["eval_seconds"] = time.perf_counter() - t0
-        # Every rank read the same splits this epoch, so this collective stays in step.
-        skipped = dist.all_reduce_sum_host(
-            torch.tensor([skipped_corrupt(b) for b in batches.values()], dtype=torch.int64))
-        entry.update({f"skipped_corrupt_{split}": int(n) for split, n in zip(batches, skipped.tolist())})
-        if not math.isfinite(entry["train_loss"]):
-            raise FloatingPointError(f"landmark training diverged: loss {entry['train_loss']} at epoch {epoch + 1}")
-        history.append(entry)
-        if on_epoch is not None:
-            on_epoch(entry, epoch, history)
+        end_epoch(entry, batches, epoch, history, on_epoch, "landmark")
     return {"history": history, "examples": examples}
 
 

@@ -13,7 +13,6 @@ batches and imports no Ray; :func:`target_train_loop` is the ``train_loop_per_wo
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
@@ -28,8 +27,8 @@ from fra.engine import Normalizer, autocast_context
 from fra.evaluation.backbones import state_dict_fingerprint
 from fra.evaluation.metrics import is_evaluated_epoch
 from fra.evaluation.target_metrics import affect_stats, attribute_stats
-from fra.evaluation.worker import (LoopSpec, backward_step, make_optimizer, resume_state, save_state, set_lr,
-                                  skipped_corrupt, start_worker, trunk_state)
+from fra.evaluation.worker import (LoopSpec, backward_step, end_epoch, make_optimizer, resume_state, save_state, set_lr,
+                                  start_worker, trunk_state)
 from fra.models.heads import AttributeMLP, ccc_loss
 
 log = logging.getLogger(__name__)
@@ -185,14 +184,7 @@ def fit(model: nn.Module, spec: LoopSpec, task: TargetTask, train_batches: Calla
                     local = _empty_stats(task) if local is None else local
                     entry[f"{split}_stats"] = dist.all_reduce_sum_host(torch.from_numpy(np.ascontiguousarray(local))).tolist()
             entry["eval_seconds"] = time.perf_counter() - t0
-        skipped = dist.all_reduce_sum_host(
-            torch.tensor([skipped_corrupt(b) for b in batches.values()], dtype=torch.int64))
-        entry.update({f"skipped_corrupt_{split}": int(n) for split, n in zip(batches, skipped.tolist())})
-        if not math.isfinite(entry["train_loss"]):
-            raise FloatingPointError(f"{task.kind} training diverged: loss {entry['train_loss']} at epoch {epoch + 1}")
-        history.append(entry)
-        if on_epoch is not None:
-            on_epoch(entry, epoch, history)
+        end_epoch(entry, batches, epoch, history, on_epoch, task.kind)
     after = state_dict_fingerprint(trunk_state(model))
     unchanged = before == after
     if spec.protocol == "linear" and not unchanged:

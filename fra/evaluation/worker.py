@@ -127,6 +127,19 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer, spec: Loop
             "train_images_per_s": images / max(elapsed, 1e-9)}, step
 
 
+def end_epoch(entry: dict, batches: dict, epoch: int, history: list, on_epoch, what: str) -> None:
+    """Close an epoch of a downstream loop: the corrupt images every split's stream skipped, summed
+    over ranks (every rank read the same splits this epoch, so the collective stays in step), a
+    diverged loss refused, the entry appended and handed to ``on_epoch``."""
+    skipped = dist.all_reduce_sum_host(torch.tensor([skipped_corrupt(b) for b in batches.values()], dtype=torch.int64))
+    entry.update({f"skipped_corrupt_{split}": int(n) for split, n in zip(batches, skipped.tolist())})
+    if not math.isfinite(entry["train_loss"]):
+        raise FloatingPointError(f"{what} training diverged: loss {entry['train_loss']} at epoch {epoch + 1}")
+    history.append(entry)
+    if on_epoch is not None:
+        on_epoch(entry, epoch, history)
+
+
 def backward_step(loss: torch.Tensor, optimizer, scaler) -> None:
     """One optimiser step on ``loss`` (through the fp16 grad scaler when there is one)."""
     optimizer.zero_grad(set_to_none=True)
@@ -265,15 +278,7 @@ def fit(model: nn.Module, spec: LoopSpec, train_batches: Callable[[int], Iterabl
                     conf = evaluate(model, batches[split], spec.num_classes, normalizer, spec.amp)
                     entry[f"{split}_confusion"] = dist.all_reduce_sum_host(conf).tolist()
             entry["eval_seconds"] = time.perf_counter() - t0
-        # Every rank read the same splits this epoch, so this collective stays in step.
-        skipped = dist.all_reduce_sum_host(
-            torch.tensor([skipped_corrupt(b) for b in batches.values()], dtype=torch.int64))
-        entry.update({f"skipped_corrupt_{split}": int(n) for split, n in zip(batches, skipped.tolist())})
-        if not math.isfinite(entry["train_loss"]):
-            raise FloatingPointError(f"FER training diverged: loss {entry['train_loss']} at epoch {epoch + 1}")
-        history.append(entry)
-        if on_epoch is not None:
-            on_epoch(entry, epoch, history)
+        end_epoch(entry, batches, epoch, history, on_epoch, "FER")
     after = state_dict_fingerprint(trunk_state(model))
     unchanged = before == after
     if spec.protocol == "linear" and not unchanged:
