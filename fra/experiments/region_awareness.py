@@ -221,6 +221,18 @@ def summary_markdown(cfg: RegionAwarenessConfig, cells: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _record(state_path: Path, key: str, entry: dict) -> None:
+    """Add one seed's cell to ``state.json``, re-read under a lock: invocations that run different seeds at
+    the same time (``--set seeds=[0]`` and ``--set seeds=[1]``, one thread each) keep each other's cells."""
+    import fcntl
+
+    with open(state_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.loads(state_path.read_text()) if state_path.exists() else {"cells": {}}
+        state["cells"][key] = entry
+        atomic_write_json(state_path, state)
+
+
 def run_region_awareness(cfg: RegionAwarenessConfig, echo: Callable[[str], None] = print) -> dict:
     """Run (or resume) every seed, judge, write ``results.json`` / ``summary.md``; returns the results."""
     storage = Path(cfg.storage_path)
@@ -239,8 +251,7 @@ def run_region_awareness(cfg: RegionAwarenessConfig, echo: Callable[[str], None]
             continue
         echo(f"seed {seed}: training ...")
         cells[key] = run_seed(cfg, seed, echo)
-        state["cells"][key] = {"config_hash": digest, "result": cells[key]}
-        atomic_write_json(state_path, state)
+        _record(state_path, key, {"config_hash": digest, "result": cells[key]})
         v = cells[key]["verdict"]
         echo(f"seed {seed}: cluster/lnK {cells[key]['cluster_over_lnk_end']:.4f} "
              f"({'<' if v['cluster_below'] else 'not <'} {cfg.criteria.max_cluster_over_lnk}), normalised NMI gain "
