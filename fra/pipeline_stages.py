@@ -32,7 +32,7 @@ def run_shards(ctx: StageContext, jobs, outputs: dict) -> dict:
     for job in jobs:
         manifest = write_shards(job.source, job.root, job.out, split=job.split,
                                 images_per_shard=job.images_per_shard, row_group_size=job.row_group_size,
-                                **job.options)
+                                options=job.options)  # a `seed` option is the generator's, not the shuffle's
         done[job.out] = {"source": job.source, "fingerprint": manifest.fingerprint,
                          "counts": getattr(manifest, "counts", {})}
     return done

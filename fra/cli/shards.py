@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = write_shards(
         args.source, root, out, split=args.split, images_per_shard=args.images_per_shard,
         row_group_size=args.row_group_size, resume=not args.no_resume, verify=args.verify,
-        shuffle=not args.no_shuffle, seed=args.seed, parallel=not args.local, **_options(args),
+        shuffle=not args.no_shuffle, seed=args.seed, parallel=not args.local, options=_options(args),
     )
     for split, c in manifest.counts.items():
         logger.info("%s: %d images %s", split, c["total"], dict(sorted(c["classes"].items())) if manifest.classes else "")

@@ -152,6 +152,7 @@ def write_shards(
     parallel: bool = True,
     num_cpus: float = 1.0,
     max_in_flight: int | None = None,
+    options: dict | None = None,
     **reader_options,
 ) -> Manifest:
     """Convert a dataset to Parquet shards plus ``<out>/manifest.json``.
@@ -171,8 +172,11 @@ def write_shards(
         parallel: one Ray task per shard (False: in this process, in order).
         num_cpus: CPUs per Ray task.
         max_in_flight: bound on concurrent tasks (default: twice the cluster CPUs).
+        options: reader options as a mapping (what pipelines and the CLI pass): the only way
+            to give a reader a ``seed`` (the generator seed of ``synthetic_faces``), since the
+            keyword ``seed`` is the shuffle seed above.
         **reader_options: layout options overriding the card's ``options`` (e.g. for
-            ``synthetic_faces``: ``num_identities``, ``images_per_identity``, ``size``, ``seed``).
+            ``synthetic_faces``: ``num_identities``, ``images_per_identity``, ``size``).
 
     Returns:
         The manifest that was written.
@@ -181,7 +185,7 @@ def write_shards(
         raise DataError("images_per_shard and row_group_size must be positive")
     if verify not in ("sha256", "size"):
         raise DataError(f"verify must be 'sha256' or 'size', got {verify!r}")
-    reader = get_reader(source, root, **reader_options)
+    reader = get_reader(source, root, **{**(options or {}), **reader_options})
     splits = [split] if split else reader.splits()
     unknown = [s for s in splits if s not in reader.card.split_names and s not in reader.splits()]
     if unknown:

@@ -98,7 +98,8 @@ def region_score(cfg: PretrainConfig, model) -> dict | None:
         return None
     out = score_model(model.eval(), spec, n, cfg.data.image_size, mean, std, baseline=True, seed=cfg.run.seed)
     keys = ("miou", "best_iou", "nmi", "init_miou", "init_best_iou", "init_nmi", "random_miou", "random_best_iou",
-            "random_nmi", "n_images")
+            "random_nmi", "norm_nmi", "init_norm_nmi", "random_norm_nmi", "gain_norm_nmi", "floor_nmi", "oracle_nmi",
+            "n_images")
     score = {k: out[k] for k in keys if k in out}
     log.info("region awareness on %d held-out faces: mIoU %.3f (random init %.3f, random maps %.3f), "
              "NMI %.3f (random init %.3f)", score["n_images"], score["miou"], score["init_miou"],

@@ -153,9 +153,9 @@ def prepare_data(cfg: PretrainConfig, storage: str):
         key = hashlib.sha256(json.dumps([s, cfg.data.split], sort_keys=True).encode()).hexdigest()[:12]
         shards = f"{storage.rstrip('/')}/_shards/synthetic_{key}"
         write_shards("synthetic_faces", "", shards, split=cfg.data.split, images_per_shard=256,
-                     row_group_size=32, num_identities=s["num_identities"], seed=s["seed"], size=s["size"],
+                     row_group_size=32, num_identities=s["num_identities"], size=s["size"],
                      images_per_identity=s["images_per_identity"], intensity=s["intensity"], jitter=s["jitter"],
-                     align=s["align"])
+                     align=s["align"], options={"seed": s["seed"]})  # the generator's seed (keyword seed= shuffles)
     manifest = read_manifest(shards)
     ds = pretrain_dataset(shards, image_size=cfg.data.image_size, split=cfg.data.split, seed=cfg.data.seed,
                           multicrop=multicrop_args(cfg), augment_on=augment_placement(cfg))
