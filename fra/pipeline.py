@@ -201,9 +201,10 @@ def stage_config(cfg: PipelineConfig, stage: str):
         from fra.tuning import SweepConfig
         from fra.tuning.config import sweep_section
 
-        # The sweep trains the pipeline's pretrain config and scores with its evaluate config
-        # unless the sweep section carries its own copies.
-        section = sweep_section(cfg.sweep, cfg.pretrain or None, cfg.evaluate or None)
+        # The sweep trains the pipeline's pretrain config and scores with its evaluate (or, with
+        # objective.task=landmarks, its landmarks) config unless the sweep section carries its own copies.
+        section = sweep_section(cfg.sweep, cfg.pretrain or None, cfg.evaluate or None,
+                                landmarks=cfg.landmarks or None)
         data = _with_defaults(section, {"run": {"name": f"{cfg.name}-sweep", "storage_path": f"{storage}/sweep"},
                                           "tracking": {"mlflow_uri": uri}})
         return from_dict(SweepConfig, data)

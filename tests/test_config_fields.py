@@ -241,11 +241,34 @@ def test_shipped_pipelines_load(path):
     elif "stages" in raw or "pretrain" in raw:
         load_pipeline(path)
     elif path.name.startswith(("attributes_", "affect_")):
-        load_config(AttributesConfig if path.name.startswith("attributes_") else AffectConfig, path)
+        attrs = path.name.startswith("attributes_")
+        cls, stage = (AttributesConfig, "attributes") if attrs else (AffectConfig, "affect")
+        recipe = load_config(cls, path)
+        # the same recipe as the pipeline stage of that name (no shipped pipeline has these stages)
+        from fra.pipeline import stage_config
+
+        pipe = {"name": "p", "stages": ["pretrain", stage, "register", "promote"], "pretrain": {},
+                stage: {**raw, "backbone": {**raw.get("backbone", {}), "source": "auto"}},
+                "register": {"name": "m"}, "promote": {"gate_metric": f"{stage}_x"}}
+        loaded = stage_config(load_pipeline_data(pipe), stage)
+        assert isinstance(loaded, cls) and loaded.data == recipe.data and loaded.optim == recipe.optim
+        assert loaded.backbone.source == "auto" and loaded.run == recipe.run  # the recipe's own names are kept
     elif "protocol" in raw:
         load_config(FERConfig, path)
     else:
         load_config(PretrainConfig, path)
+
+
+def load_pipeline_data(data: dict):
+    """load_pipeline on a mapping (through a temporary file: the loader reads paths)."""
+    import tempfile
+
+    from fra.pipeline import load_pipeline
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return load_pipeline(path)
 
 
 @pytest.mark.parametrize("path", _shipped("tune_configs"), ids=lambda p: p.name)

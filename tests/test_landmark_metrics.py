@@ -120,3 +120,62 @@ def test_registry_metrics_and_lower_is_better_gating(tmp_path):
     # NME 4.4 vs champion 4.6: lower is better, so the candidate wins; 4.8 loses
     assert _judge(version(2), version(1), 4.4, 4.6, "landmarks_nme_mean_last_k", 0.0, "min")[0] == "promoted"
     assert _judge(version(2), version(1), 4.8, 4.6, "landmarks_nme_mean_last_k", 0.0, "min")[0] == "refused"
+
+
+def test_aflw19_reports_nme_box_next_to_nme_diag_by_hand():
+    """AFLW-19 (DOWNSTREAM_SPEC §3): NME_diag by sqrt(w^2 + h^2) is the headline, NME_box by sqrt(w h)
+    next to it, each with FR / AUC at 7 %. Two faces: box 30 x 40 (diag 50, box sqrt(1200) = 34.641),
+    mean point error 1 px; box 60 x 80 (diag 100, box sqrt(4800) = 69.282), mean point error 5 px.
+    diag: 0.02, 0.05 -> NME 3.5 %, FR 0 %, AUC ((0.05 + 0.02) / 0.07) / 2 = 0.5.
+    box: 0.028868, 0.072169 -> NME 5.0518 %, FR 50 % (the second is past 7 %), AUC (0.041132 / 0.07) / 2 = 0.29380."""
+    from types import SimpleNamespace
+
+    from fra.evaluation.landmarks_data import landmark_protocol
+
+    protocol = landmark_protocol(SimpleNamespace(dataset="aflw19", uri="x", attributes=("frontal",)))
+    assert (protocol.normalizer, protocol.extra_normalizers, protocol.fr_threshold) == ("diag", ("box",), 0.07)
+    boxes = np.array([[0, 0, 30, 40], [10, 10, 70, 90]], float)
+    gt = np.zeros((2, 2, 2)) + 20.0
+    pred = gt + np.array([[[1, 0], [0, 1]], [[3, 4], [0, 5]]], float)  # errors 1, 1 and 5, 5
+    per = {k: nme_per_image(pred, gt, normalizing_distance(gt, k, boxes=boxes)) for k in ("diag", "box")}
+    rep = landmark_report(per["diag"], 0.07, np.array([[1.0], [0.0]]), ["frontal"], {"box": per["box"]})
+    full = rep["full"]
+    assert (full["nme"], full["fr"], full["auc"]) == pytest.approx((3.5, 0.0, 0.5), abs=2e-3)
+    assert (full["nme_box"], full["fr_box"], full["auc_box"]) == pytest.approx((5.0518, 50.0, 0.29380), abs=2e-3)
+    assert full["nme_box"] / full["nme"] == pytest.approx(5.0518 / 3.5, rel=1e-4)
+    assert rep["frontal"]["nme_box"] == pytest.approx(100 / math.sqrt(1200)) and rep["frontal"]["count"] == 1
+    with pytest.raises(ValueError, match="extra NME 'box' has 1 images"):
+        landmark_report(per["diag"], 0.07, extra={"box": per["box"][:1]})
+    with pytest.raises(Exception, match="extra_normalizers.*inter_ocular"):
+        landmark_protocol(SimpleNamespace(dataset="aflw19", uri="x", attributes=()),
+                          {"extra_normalizers": ["inter_ocular"]})
+
+
+def test_nme_box_headline_reaches_mlflow_and_the_registry(tmp_path):
+    """A further normaliser's headline (last, mean of the last k) and per-subset numbers in the flat
+    MLflow metrics and the registry's landmarks_* metrics (lower is better, as every NME)."""
+    import json
+
+    from fra.evaluation.landmarks_report import extra_headline, final_metrics, landmark_metrics_from_results
+    from fra.registry_promotion import gate_mode
+
+    rep = lambda nme, box: {"full": {"nme": nme, "fr": 0.0, "auc": 0.5, "nme_box": box, "fr_box": 50.0,  # noqa: E731
+                                     "auc_box": 0.3, "count": 2}}
+    history = [{"epoch": 1, "test": rep(4.0, 6.0)}, {"epoch": 2, "test": rep(3.0, 5.0)},
+               {"epoch": 3, "test": rep(3.5, 4.0)}]
+    head = extra_headline(history, ("box",), last_k=2)
+    assert head == {"nme_box_last": 4.0, "nme_box_mean_last_k": 4.5, "fr_box_last": 50.0, "auc_box_last": 0.3}
+    s = summarise_landmarks(history, last_k=2)
+    resolved = {"protocol": {"extra_normalizers": ["box"]}, "test_split": "test"}
+    results = {"loss": "star", "summary": s, "resolved": resolved,
+               "headline": {"nme_last": 3.5, "nme_mean_last_k": 3.25, "fr_last": 0.0, "auc_last": 0.5,
+                            "normalizer": "diag", **head},
+               "subsets_last": s["last"], "dataset": {"name": "aflw19", "fingerprint": "f"}}
+    flat = final_metrics(results)
+    assert flat["nme_box.full"] == 4.0 and flat["fr_box.full"] == 50.0 and flat["nme_box_mean_last_k"] == 4.5
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    metrics, protocol, _ = landmark_metrics_from_results(str(path))
+    assert metrics["landmarks_nme_box_last"] == 4.0 and metrics["landmarks_nme_box_mean_last_k"] == 4.5
+    assert metrics["landmarks_nme_mean_last_k"] == 3.25 and protocol == "landmarks:star:diag/aflw19/test"
+    assert gate_mode("landmarks_nme_box_mean_last_k") == "min"

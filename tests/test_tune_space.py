@@ -121,7 +121,7 @@ def test_demo_is_the_default_and_forces_trial_resources(tmp_path):
 @pytest.mark.parametrize("sets, match", [
     ({"objective.val_fraction": 0.0}, "needs a validation split"),
     ({"objective.proxy": "none"}, "needs objective.proxy=linear_probe"),
-    ({"scheduler.max_t": 1}, "would stop every trial before its FER evaluation"),
+    ({"scheduler.max_t": 1}, "would stop every trial before its chained evaluation"),
     ({"scheduler.grace_period": 5}, "grace_period"),
     ({"synthetic_fer.enabled": False}, "fer.data.shards is empty"),
     ({"objective.protocol": "knn"}, "objective.protocol"),

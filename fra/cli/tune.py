@@ -2,10 +2,11 @@
 
 CONFIG is a sweep YAML (``tune_configs/*.yaml``) or a pipeline YAML with a ``sweep:`` section;
 without it the embedded demo (``tune_configs/demo_sweep.yaml``: synthetic faces, tiny ResNet-18)
-runs. Each trial pretrains and is then evaluated on FER (the chained objective). Running the same
+runs. Each trial pretrains and is then evaluated on FER, or with ``objective.task: landmarks`` on
+face alignment (the chained objective: a validation number; NME: lowest is best). Running the same
 command again resumes an interrupted sweep without re-running finished trials. Writes
 ``results.csv``, ``objective.png``, ``best_pretrain.yaml`` (``fra pretrain`` runs it) and
-``best_pipeline.yaml`` (``fra run`` runs it: the best trial's pretraining -> its FER evaluation ->
+``best_pipeline.yaml`` (``fra run`` runs it: the best trial's pretraining -> its evaluation ->
 register -> promote) under ``run.storage_path/run.name``.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from fra.config import to_dict
-    from fra.tuning.config import load_sweep_config, resolve
+    from fra.tuning.config import load_sweep_config, objective_mode, resolve
 
     overrides = list(args.overrides) + ([f"run.name={args.name}"] if args.name else [])
     cfg = load_sweep_config(args.config, overrides)
@@ -39,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
         res = resolve(cfg)
         for p in res.params:
             print(f"{p.name:<16} -> {p.path:<24} {p.kind} {list(p.args)}")
-        print(f"ok: {cfg.num_samples} sample(s), scheduler {cfg.scheduler.name}, objective "
-              f"{cfg.objective.protocol}/{cfg.objective.metric}")
+        obj = cfg.objective
+        what = f"{obj.protocol}/{obj.metric}" if obj.task == "fer" else f"landmarks/{obj.metric}"
+        print(f"ok: {cfg.num_samples} sample(s), scheduler {cfg.scheduler.name}, objective {what} "
+              f"({'lower' if objective_mode(obj) == 'min' else 'higher'} is better)")
         return 0
     from fra import console
     from fra.tuning.sweep import SweepInterrupted, run_sweep
@@ -54,10 +57,12 @@ def run(args: argparse.Namespace) -> int:
         return 130
     console.echo(result.table_text)
     if result.best_trial_id is None:
-        console.error(f"no trial finished its FER evaluation; see {result.table_path}")
+        console.error(f"no trial finished its chained {cfg.objective.task} evaluation; see {result.table_path}")
         return 1
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_params.items())
-    console.echo(f"best trial {result.best_trial_id}: {cfg.objective.metric}={result.best_objective:.2f}% ({params})\n"
+    best = "lowest" if result.objective_mode == "min" else "highest"
+    console.echo(f"best trial {result.best_trial_id} ({best}): {cfg.objective.metric}={result.best_objective:.2f}% "
+                 f"({params})\n"
                  f"best config:   {result.best_config_path}\npipeline:      {result.best_pipeline_path}  (fra run)\n"
                  f"backbone:      {result.best_backbone}\ntable:         {result.table_path}\n"
                  f"plot:          {result.plot_path}\nmlflow run:    {result.mlflow_run_id or '-'}")

@@ -14,6 +14,10 @@ here x is ``linspace(0, thr, round(thr / step) + 1)`` and ``reference_arange=Tru
 
 Subsets: an image flagged 1 in attribute k belongs to subset k (WFLW's six attributes, 300W's
 common / challenging, AFLW's frontal); every subset gets the same three numbers over its images.
+
+Further normalisers: a report can carry the same three numbers under other normalisers next to
+the protocol's (``nme_box`` / ``fr_box`` / ``auc_box``): AFLW-19 is published as NME_diag (FaRL,
+FRL) and as NME_box = sqrt(w h) (FaRL), whose FR / AUC at 7 % FaRL takes box-normalised.
 """
 from __future__ import annotations
 
@@ -89,27 +93,39 @@ def ced_fr_auc(nme: np.ndarray, threshold: float, step: float = 1e-4, reference_
 
 
 def landmark_report(nme: np.ndarray, threshold: float, attributes: np.ndarray | None = None,
-                    attribute_names: Sequence[str] = ()) -> dict:
+                    attribute_names: Sequence[str] = (), extra: dict[str, np.ndarray] | None = None) -> dict:
     """NME (%), FR (%) and AUC on all images (``full``) and on each attribute's subset.
 
     Args:
-        nme: (N,) per-image NME (fractions).
+        nme: (N,) per-image NME (fractions) under the protocol's normaliser.
         threshold: FR / AUC threshold (0.10 WFLW, 0.05 300W, 0.07 AFLW).
         attributes: (N, A) 0/1 flags, or None.
         attribute_names: the A subset names.
+        extra: per-image NMEs (N,) under further normalisers, by name (AFLW-19: ``{"box": ...}`` next to
+            its ``diag`` headline); each report gains ``nme_<name>``, ``fr_<name>``, ``auc_<name>``
+            (same threshold).
     """
     nme = np.asarray(nme, np.float64).ravel()
+    extra = {k: np.asarray(v, np.float64).ravel() for k, v in (extra or {}).items()}
+    for name, values in extra.items():
+        if values.shape != nme.shape:
+            raise ValueError(f"extra NME {name!r} has {values.size} images, the main NME {nme.size}")
 
-    def scores(values: np.ndarray) -> dict:
-        out = ced_fr_auc(values, threshold)
-        return {"nme": float(100.0 * values.mean()) if values.size else math.nan, "fr": out["fr"],
-                "auc": out["auc"], "count": int(values.size)}
+    def scores(keep: np.ndarray) -> dict:
+        out = {}
+        for suffix, values in (("", nme), *((f"_{k}", v) for k, v in extra.items())):
+            values = values[keep]
+            curve = ced_fr_auc(values, threshold)
+            out.update({f"nme{suffix}": float(100.0 * values.mean()) if values.size else math.nan,
+                        f"fr{suffix}": curve["fr"], f"auc{suffix}": curve["auc"]})
+        out["count"] = int(keep.sum())
+        return out
 
-    report = {"full": scores(nme)}
+    report = {"full": scores(np.ones(nme.size, bool))}
     if attributes is not None and len(attribute_names):
         flags = np.asarray(attributes, np.float64).reshape(len(nme), len(attribute_names))
         for k, name in enumerate(attribute_names):
-            report[name] = scores(nme[flags[:, k] > 0.5])
+            report[name] = scores(flags[:, k] > 0.5)
     return report
 
 

@@ -100,9 +100,12 @@ class LandmarkConfig:
     run: LandmarkRun = field(default_factory=LandmarkRun)
 
 
-def evaluate_landmarks(cfg: LandmarkConfig, backbone_source: Any = None, *, run_name: str | None = None
-                       ) -> LandmarkResult:
-    """Train a heat-map head on a backbone over landmark shards and write the results (module docstring)."""
+def evaluate_landmarks(cfg: LandmarkConfig, backbone_source: Any = None, *, run_name: str | None = None,
+                       inject: dict | None = None) -> LandmarkResult:
+    """Train a heat-map head on a backbone over landmark shards and write the results (module docstring).
+
+    ``inject`` is a test-only fault hook (``kill_after_epoch``: see ``landmarks_worker._maybe_kill``).
+    """
     from fra import storage as st
     from fra.data.manifest import read_manifest
     from fra.evaluation.backbones import resolve_backbone
@@ -136,13 +139,13 @@ def evaluate_landmarks(cfg: LandmarkConfig, backbone_source: Any = None, *, run_
         fr_threshold=protocol.fr_threshold, attributes=protocol.attributes, deconv_channels=cfg.model.deconv_channels,
         amp=resolve_amp(cfg.scaling), eval_every=cfg.run.eval_every, last_k=cfg.run.last_k, seed=cfg.run.seed,
         mean=tuple(mean), std=tuple(std), checkpoint_every=cfg.run.checkpoint_every, has_val="val" in datasets,
-        examples=cfg.run.examples)
+        examples=cfg.run.examples, extra_normalizers=protocol.extra_normalizers)
     run_id = run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     storage = st.absolute(cfg.run.storage_path)
     check_shared_location("run.storage_path", storage)
     log.info("landmarks (%s loss): %s on %s (%s, %d points), %d train / %d test rows, %d worker(s)", cfg.model.loss,
              backbone.spec, manifest.dataset, test_split, protocol.num_points, sizes["train"], sizes["test"], workers)
-    out = _fit(cfg, spec, backbone.state_dict, datasets, run_id, storage)
+    out = _fit(cfg, spec, backbone.state_dict, datasets, run_id, storage, inject)
     resolved = {"test_split": test_split, "amp": spec.amp, "protocol": protocol.to_dict(),
                 "normalization": {"mean": list(mean), "std": list(std)},
                 "iters_per_epoch": iters_per_epoch(sizes["train"], cfg.optim.batch_size, max(workers, 1))}
@@ -153,13 +156,14 @@ def evaluate_landmarks(cfg: LandmarkConfig, backbone_source: Any = None, *, run_
     return write_outputs(cfg, out, context, st.join(storage, run_id), time.perf_counter() - t0)
 
 
-def _fit(cfg: LandmarkConfig, spec, backbone_sd: dict, datasets: dict, run_id: str, storage: str) -> dict:
+def _fit(cfg: LandmarkConfig, spec, backbone_sd: dict, datasets: dict, run_id: str, storage: str,
+         inject: dict | None = None) -> dict:
     """Run the Ray Train job (the FER job's settings); returns rank 0's loop output."""
     from fra.evaluation.job import fit_evaluation
     from fra.evaluation.landmarks_worker import landmark_train_loop
 
-    return fit_evaluation(landmark_train_loop, {"spec": dataclasses.asdict(spec)}, backbone_sd, cfg.scaling, datasets,
-                          run_id, storage, "landmark")
+    return fit_evaluation(landmark_train_loop, {"spec": dataclasses.asdict(spec), "inject": inject or {}}, backbone_sd,
+                          cfg.scaling, datasets, run_id, storage, "landmark")
 
 
 __all__ = ["LandmarkConfig", "LandmarkData", "LandmarkModel", "LandmarkOptim", "LandmarkRun", "LandmarkResult",

@@ -35,6 +35,7 @@ class LandmarkProtocol:
     fr_threshold: float = 0.10
     box_scale: float = 1.25
     attributes: tuple[str, ...] = ()
+    extra_normalizers: tuple[str, ...] = ()  # box-based normalisers reported next to the main one (AFLW-19: box)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +66,18 @@ def landmark_protocol(manifest: Manifest, overrides: dict | None = None) -> Land
         fr_threshold=float(options.get("fr_threshold", 0.10)),
         box_scale=float(options.get("box_scale", 1.25)),
         attributes=tuple(manifest.attributes),
+        extra_normalizers=_extra_normalizers(options.get("extra_normalizers", ()), manifest.dataset),
     )
+
+
+def _extra_normalizers(value, dataset: str) -> tuple[str, ...]:
+    """The card's ``extra_normalizers``: box-based only (they need no points of their own)."""
+    names = (value,) if isinstance(value, str) else tuple(value or ())
+    bad = [n for n in names if n not in ("box", "diag")]
+    if bad:
+        raise ConfigError(f"dataset {dataset!r}: extra_normalizers {bad} not supported; valid: box, diag "
+                          "(reported next to the protocol's normalizer)")
+    return tuple(str(n) for n in names)
 
 
 def landmark_dataset(manifest: Manifest, split: str, protocol: LandmarkProtocol, *, image_size: int, train: bool,

@@ -95,7 +95,8 @@ def write_outputs(cfg, out: dict, context: dict, location: str, seconds: float) 
         "loss": cfg.model.loss,
         "headline": {"nme_last": summary["nme_last"], "nme_mean_last_k": summary["nme_mean_last_k"],
                      "fr_last": last["full"]["fr"], "auc_last": last["full"]["auc"],
-                     "normalizer": protocol["normalizer"], "fr_threshold": protocol["fr_threshold"]},
+                     "normalizer": protocol["normalizer"], "fr_threshold": protocol["fr_threshold"],
+                     **extra_headline(out["history"], protocol.get("extra_normalizers", ()), cfg.run.last_k)},
         "subsets_last": last,
         "best_epoch_selected_on_test": {"nme_best": summary["nme_best"], "best_epoch": summary["best_epoch"],
                                         "candidates": summary["best_candidates"], "eval_every": cfg.run.eval_every,
@@ -141,6 +142,22 @@ def write_outputs(cfg, out: dict, context: dict, location: str, seconds: float) 
         history=out["history"])
 
 
+def extra_headline(history: list[dict], names, last_k: int) -> dict[str, float]:
+    """``nme_<n>_last``, ``nme_<n>_mean_last_k``, ``fr_<n>_last``, ``auc_<n>_last`` of each further normaliser
+    ``n`` (AFLW-19: ``box`` next to the ``diag`` headline), over the evaluations the headline covers
+    (the last evaluated epoch; those of the last ``last_k`` epochs)."""
+    evaluated = [h for h in history if h.get("test") is not None]
+    if not evaluated:
+        return {}
+    tail = [h for h in evaluated if int(h["epoch"]) > int(evaluated[-1]["epoch"]) - last_k]
+    out, full = {}, evaluated[-1]["test"]["full"]
+    for n in names:
+        out.update({f"nme_{n}_last": full[f"nme_{n}"],
+                    f"nme_{n}_mean_last_k": float(np.mean([h["test"]["full"][f"nme_{n}"] for h in tail])),
+                    f"fr_{n}_last": full[f"fr_{n}"], f"auc_{n}_last": full[f"auc_{n}"]})
+    return out
+
+
 def final_metrics(results: dict) -> dict[str, float]:
     """Flat final metrics of a results.json: headline, test-selected best, and per-subset NME / FR / AUC."""
     summary = results["summary"]
@@ -149,9 +166,13 @@ def final_metrics(results: dict) -> dict[str, float]:
     if "nme_at_val_best" in summary:
         out.update(nme_at_val_best=summary["nme_at_val_best"], val_best_epoch=summary["val_best_epoch"])
     for subset, rep in summary["last"].items():
-        for key in ("nme", "fr", "auc"):
-            if rep.get(key) is not None and np.isfinite(rep[key]):
-                out[f"{key}.{subset}"] = float(rep[key])
+        for key, value in rep.items():  # nme, fr, auc (and nme_box, fr_box, auc_box ...)
+            if key != "count" and isinstance(value, (int, float)) and np.isfinite(value):
+                out[f"{key}.{subset}"] = float(value)
+    for n in ((results.get("resolved") or {}).get("protocol") or {}).get("extra_normalizers") or ():
+        for key in (f"nme_{n}_last", f"nme_{n}_mean_last_k"):  # the further normalisers' headline
+            if isinstance(results["headline"].get(key), (int, float)):
+                out[key] = float(results["headline"][key])
     return out
 
 
@@ -185,8 +206,9 @@ def landmark_metrics_from_results(path) -> tuple[dict[str, float], str, str]:
     """Read a landmark ``results.json``: (``landmarks_*`` metrics, protocol, dataset fingerprint) for the registry.
 
     The metrics are the headline (``landmarks_nme_last``, ``landmarks_nme_mean_last_k``,
-    ``landmarks_fr_last``, ``landmarks_auc_last``; NME and FR: lower is better) and the per-subset
-    NME of the last epoch (``landmarks_nme.<subset>``). The protocol string is
+    ``landmarks_fr_last``, ``landmarks_auc_last``; NME and FR: lower is better), the same under the
+    protocol's further normalisers (AFLW-19: ``landmarks_nme_box_last`` ...) and the per-subset NME
+    of the last epoch (``landmarks_nme.<subset>``). The protocol string is
     ``landmarks:<loss>:<normalizer>/<dataset>/<test split>``, so runs are only compared like for like.
     """
     from fra import storage as st
@@ -197,8 +219,11 @@ def landmark_metrics_from_results(path) -> tuple[dict[str, float], str, str]:
     except (OSError, ValueError) as exc:
         raise FraError(f"cannot read landmark results {path}: {exc}") from exc
     head = res.get("headline") or {}
-    metrics = {f"landmarks_{k}": float(head[k]) for k in ("nme_last", "nme_mean_last_k", "fr_last", "auc_last")
-               if isinstance(head.get(k), (int, float))}
+    extra = ((res.get("resolved") or {}).get("protocol") or {}).get("extra_normalizers") or ()
+    keys = ("nme_last", "nme_mean_last_k", "fr_last", "auc_last",
+            *(f"{m}_{n}_{w}" for n in extra for m, w in (("nme", "last"), ("nme", "mean_last_k"), ("fr", "last"),
+                                                         ("auc", "last"))))
+    metrics = {f"landmarks_{k}": float(head[k]) for k in keys if isinstance(head.get(k), (int, float))}
     for subset, rep in (res.get("subsets_last") or {}).items():
         if subset != "full" and isinstance(rep.get("nme"), (int, float)) and np.isfinite(rep["nme"]):
             metrics[f"landmarks_nme.{subset}"] = float(rep["nme"])

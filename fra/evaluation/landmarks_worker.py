@@ -57,6 +57,7 @@ class LandmarkSpec:
     checkpoint_every: int = 0
     has_val: bool = False
     examples: int = 8  # test faces kept (rank 0, last epoch) for the picture
+    extra_normalizers: tuple[str, ...] = ()  # box / diag, reported next to ``normalizer`` (AFLW-19: box)
 
 
 def build_model(spec: LandmarkSpec, backbone_sd: dict | None) -> nn.Module:
@@ -97,8 +98,9 @@ def train_epoch(model, batches: Iterable[dict], optimizer, criterion, spec: Land
 
 @torch.no_grad()
 def predict(model, batches: Iterable[dict], spec: LandmarkSpec, normalizer: Normalizer, keep: int = 0):
-    """Per-image NME (N,) and attributes (N, A) of this process's batches, plus up to ``keep``
-    examples ``{"image", "pred", "gt"}`` in crop pixels for the picture."""
+    """Per-image NME (N, 1 + E) (column 0 under ``spec.normalizer``, then ``spec.extra_normalizers``) and
+    attributes (N, A) of this process's batches, plus up to ``keep`` examples ``{"image", "pred", "gt"}``
+    in crop pixels for the picture."""
     from fra.data.landmark_augment import invert_points
 
     model = dist.unwrap_model(model)
@@ -112,15 +114,17 @@ def predict(model, batches: Iterable[dict], spec: LandmarkSpec, normalizer: Norm
         crop = to_pixels(decode({k: v.float() for k, v in out.items()}, spec.loss), spec.image_size).cpu().numpy()
         matrix, gt = batch["matrix"].numpy(), batch["gt"].numpy().astype(np.float64)
         pred = invert_points(crop, matrix)
-        norm = normalizing_distance(gt, spec.normalizer, spec.normalizer_points, batch["box"].numpy())
-        nmes.append(nme_per_image(pred, gt, norm))
+        boxes = batch["box"].numpy()
+        norms = [normalizing_distance(gt, spec.normalizer, spec.normalizer_points, boxes)]
+        norms += [normalizing_distance(gt, kind, boxes=boxes) for kind in spec.extra_normalizers]
+        nmes.append(np.stack([nme_per_image(pred, gt, norm) for norm in norms], axis=1))
         flags.append(batch["attributes"].numpy().reshape(len(gt), -1))
         for i in range(min(keep - len(examples), len(gt))):
             examples.append({"image": batch["image"][i].numpy(), "pred": crop[i],
                              "gt": batch["points"][i].numpy()})
     model.train(was_training)
     if not nmes:
-        return np.zeros(0), np.zeros((0, len(spec.attributes))), examples
+        return np.zeros((0, 1 + len(spec.extra_normalizers))), np.zeros((0, len(spec.attributes))), examples
     return np.concatenate(nmes), np.concatenate(flags), examples
 
 
@@ -168,7 +172,8 @@ def fit(model: nn.Module, spec: LandmarkSpec, train_batches: Callable[[int], Ite
                 keep = spec.examples if split == "test" else 0
                 nme, flags, found = predict(model, batches[split], spec, normalizer, keep)
                 nme, flags = gather(nme), gather(flags)
-                entry[split] = landmark_report(nme, spec.fr_threshold, flags, spec.attributes)
+                extra = {k: nme[:, 1 + i] for i, k in enumerate(spec.extra_normalizers)}
+                entry[split] = landmark_report(nme[:, 0], spec.fr_threshold, flags, spec.attributes, extra)
                 if split == "test":
                     examples = found
             entry["eval_seconds"] = time.perf_counter() - t0
@@ -208,6 +213,7 @@ def landmark_train_loop(config: dict) -> dict:
         if spec.checkpoint_every and (epoch + 1) % spec.checkpoint_every == 0:
             ckpt = save_state(model, optimizer, epoch + 1, hist, rank)
         ray.train.report(metrics, checkpoint=ckpt)
+        _maybe_kill(config.get("inject") or {}, epoch + 1, rank)
 
     result = fit(model, spec, batches("train"), batches("test"), batches("val") if spec.has_val else None,
                  device=ray.train.torch.get_device(), start_epoch=start_epoch, history=history,
@@ -218,6 +224,23 @@ def landmark_train_loop(config: dict) -> dict:
     else:
         result["examples"] = []
     return result
+
+
+def _maybe_kill(inject: dict, epoch: int, rank: int) -> None:
+    """Test hook (``inject.kill_after_epoch``, ``kill_rank``, ``marker``): once (the marker file records it),
+    SIGKILL this worker after the report of that epoch, as a lost node would; Ray Train restarts the group
+    from the latest checkpoint when ``scaling.max_failures`` allows it."""
+    import os
+    import signal
+    from pathlib import Path
+
+    if inject.get("kill_after_epoch") != epoch or inject.get("kill_rank", 0) != rank:
+        return
+    marker = Path(inject["marker"])
+    if not marker.exists():
+        marker.write_text(str(epoch))
+        time.sleep(inject.get("delay_s", 3))  # let the controller register the epoch's checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 __all__ = ["LandmarkSpec", "build_model", "fit", "predict", "landmark_train_loop", "epoch_lr"]

@@ -1,4 +1,4 @@
-"""Hyper-parameter sweeps: Ray Tune around the project's pretraining, chained into FER evaluation.
+"""Hyper-parameter sweeps: Ray Tune around the project's pretraining, chained into a FER or landmark evaluation.
 
 ``fra.tuning.run_sweep(cfg, resume=True) -> SweepResult`` runs a sweep described by a
 :class:`SweepConfig` (``load_sweep_config(path, overrides)``); :mod:`fra.tuning.space` turns the

@@ -1,9 +1,15 @@
 """Sweep configuration: what a sweep YAML holds, how it is loaded, and every check run before Ray.
 
 A sweep YAML (``tune_configs/*.yaml``, or the ``sweep:`` section of a pipeline YAML) holds the
-base pretrain config (inline or a path), the FER config of the chained objective (inline or a
-path), the search space (:mod:`fra.tuning.space`), the scheduler, the objective, per-trial
-resources, the storage location and MLflow settings. :func:`load_sweep_config` reads it,
+base pretrain config (inline or a path), the config of the chained evaluation (``fer:`` or, with
+``objective.task: landmarks``, ``landmarks:``; inline or a path), the search space
+(:mod:`fra.tuning.space`), the scheduler, the objective, per-trial resources, the storage
+location and MLflow settings.
+
+The objective is a validation number of the chained evaluation, never a test one: FER's
+validation top-1 / macro-F1 (higher is better) or the landmark job's validation NME (lower is
+better; :data:`OBJECTIVE_METRICS` gives each metric's task and direction, :func:`objective_mode`
+the direction of a sweep). :func:`load_sweep_config` reads it,
 :func:`resolve` checks all of it before Ray starts, and :func:`check_resources` compares one
 trial with the cluster.
 """
@@ -23,7 +29,11 @@ from fra.tuning.space import Param, parse_space, set_paths
 log = logging.getLogger(__name__)
 
 DEFAULT_SWEEP = Path(__file__).resolve().parents[2] / "tune_configs" / "demo_sweep.yaml"
-OBJECTIVE_METRICS = ("val_top1", "val_top1_best", "val_macro_f1")
+# metric -> (task of the chained evaluation, direction). NME: the landmark job's validation NME (%),
+# of the last epoch (val_nme) or the lowest over its evaluated epochs (val_nme_best).
+OBJECTIVE_METRICS = {"val_top1": ("fer", "max"), "val_top1_best": ("fer", "max"), "val_macro_f1": ("fer", "max"),
+                     "val_nme": ("landmarks", "min"), "val_nme_best": ("landmarks", "min")}
+OBJECTIVE_TASKS = ("fer", "landmarks")
 
 
 @config("scheduler")
@@ -41,18 +51,21 @@ class SchedulerSettings:
 
 @config("objective")
 class ObjectiveSettings:
-    """The chained FER objective and the cheap per-epoch proxy (both honest: no test labels)."""
+    """The chained evaluation's objective and the cheap per-epoch proxy (both honest: no test labels)."""
 
-    protocol: str = one_of("linear", "finetune")  # linear | finetune (evaluate_fer protocol)
-    metric: str = one_of(*OBJECTIVE_METRICS)  # val_top1 (last epoch) | val_top1_best | val_macro_f1
-    val_fraction: float = bounded(0.2, ge=0, lt=1)  # carved from FER train by path hash (unless fer.data.val_split)
+    task: str = one_of(*OBJECTIVE_TASKS)  # fer | landmarks: the evaluation chained after each pretraining
+    protocol: str = one_of("linear", "finetune")  # linear | finetune (evaluate_fer protocol; task fer only)
+    # fer: val_top1 (last epoch) | val_top1_best | val_macro_f1 (max); landmarks: val_nme (last) | val_nme_best (min)
+    metric: str = one_of(*OBJECTIVE_METRICS)
+    # carved from the evaluation's train split by path hash (unless fer.data.val_split / landmarks.data.val_fraction)
+    val_fraction: float = bounded(0.2, ge=0, lt=1)
     proxy: str = one_of("linear_probe", "none")  # linear_probe (frozen features, each epoch) | none
     proxy_max_rows: int = bounded(512, ge=1)  # rows of the FER train split the proxy embeds
 
 
 @config("resources")
 class TrialResources:
-    """What one trial uses; pretraining and the FER evaluation run one after the other."""
+    """What one trial uses; pretraining and the chained evaluation run one after the other."""
 
     cpus: float = bounded(1.0, ge=0)  # the trial process (Tune function trainable)
     workers: int = bounded(1, ge=1)  # Ray Train workers of the pretraining (scaling.num_workers)
@@ -70,6 +83,17 @@ class SyntheticFER:
     images_per_identity: int = bounded(8, ge=1)
     size: int = bounded(48, ge=16)
     seed: int = bounded(1, ge=0)  # not the pretraining seed: other faces than the pretraining images
+
+
+@config("synthetic_landmarks")
+class SyntheticLandmarks:
+    """Render synthetic 68-point landmark shards when ``landmarks.data.shards`` is empty (demo, CI)."""
+
+    enabled: bool = False
+    num_identities: int = bounded(6, ge=1)
+    images_per_identity: int = bounded(6, ge=1)
+    size: int = bounded(64, ge=16)
+    seed: int = bounded(2, ge=0)  # not the pretraining seed: other faces than the pretraining images
 
 
 @config("run")
@@ -93,6 +117,7 @@ class SweepConfig:
 
     pretrain: dict = field(default_factory=dict)  # PretrainConfig mapping (a path in YAML is inlined)
     fer: dict = field(default_factory=dict)  # FERConfig mapping (a path in YAML is inlined)
+    landmarks: dict = field(default_factory=dict)  # LandmarkConfig mapping (objective.task=landmarks; path inlined)
     space: dict = field(default_factory=dict)
     num_samples: int = bounded(4, ge=1)
     max_concurrent_trials: int = bounded(1, ge=1)
@@ -101,18 +126,29 @@ class SweepConfig:
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     resources: TrialResources = field(default_factory=TrialResources)
     synthetic_fer: SyntheticFER = field(default_factory=SyntheticFER)
+    synthetic_landmarks: SyntheticLandmarks = field(default_factory=SyntheticLandmarks)
     run: SweepRun = field(default_factory=SweepRun)
     tracking: SweepTracking = field(default_factory=SweepTracking)
 
 
 @dataclass(frozen=True)
 class Resolved:
-    """A checked sweep: the base pretrain config, the FER config and the parameters."""
+    """A checked sweep: the base pretrain config, the evaluation configs and the parameters."""
 
     base: PretrainConfig
-    fer: Any  # FERConfig
+    fer: Any  # FERConfig (task fer; with task landmarks only the proxy's data)
     params: list[Param]
     max_t: int
+    landmarks: Any = None  # LandmarkConfig (task landmarks)
+
+    def evaluation(self, task: str):
+        """The chained evaluation's config of ``task``."""
+        return self.landmarks if task == "landmarks" else self.fer
+
+
+def objective_mode(objective: ObjectiveSettings) -> str:
+    """``max`` (FER accuracy / F1) or ``min`` (landmark NME): how trials are ranked."""
+    return OBJECTIVE_METRICS[objective.metric][1]
 
 
 def load_sweep_config(path: str | Path | None = None, overrides=()) -> SweepConfig:
@@ -120,26 +156,35 @@ def load_sweep_config(path: str | Path | None = None, overrides=()) -> SweepConf
     ``sweep:`` section, apply ``--set`` overrides (``sweep.`` prefix optional) and build the config."""
     path = Path(path) if path else DEFAULT_SWEEP
     raw = load_yaml(path)
+    overrides = [o.removeprefix("sweep.") for o in overrides]
     if "sweep" in raw:  # a pipeline YAML
         if not isinstance(raw["sweep"], dict):
             raise ConfigError(f"{path}: the 'sweep' section must be a mapping")
-        raw = sweep_section(raw["sweep"], raw.get("pretrain"), raw.get("fer", raw.get("evaluate")), path.parent)
+        # objective.* first: objective.task decides whether the pipeline's landmarks section is taken
+        sweep = apply_overrides(raw["sweep"], [o for o in overrides if o.startswith("objective.")])
+        raw = sweep_section(sweep, raw.get("pretrain"), raw.get("fer", raw.get("evaluate")), path.parent,
+                            landmarks=raw.get("landmarks"))
     else:
         raw = sweep_section(raw, base_dir=path.parent)
-    overrides = [o.removeprefix("sweep.") for o in overrides]
     return from_dict(SweepConfig, apply_overrides(raw, overrides))
 
 
 def sweep_section(sweep: dict, pretrain: dict | str | None = None, fer: dict | str | None = None,
-                  base_dir: Path | None = None) -> dict:
+                  base_dir: Path | None = None, landmarks: dict | str | None = None) -> dict:
     """A sweep mapping ready for ``from_dict(SweepConfig, ...)``.
 
-    ``pretrain`` / ``fer`` missing from ``sweep`` come from the given pipeline sections (the
-    pipeline's ``pretrain:`` and ``evaluate:``); a string is a YAML path (relative to
-    ``base_dir``), either a plain config or a pipeline file holding that section.
+    ``pretrain`` / ``fer`` / ``landmarks`` missing from ``sweep`` come from the given pipeline
+    sections (the pipeline's ``pretrain:``, ``evaluate:`` and ``landmarks:``; ``landmarks`` only for
+    a sweep whose ``objective.task`` is ``landmarks``, so that a FER sweep does not depend on it); a
+    string is a YAML path (relative to ``base_dir``), either a plain config or a pipeline file
+    holding that section.
     """
     out = dict(sweep)
-    for key, fallback, section in (("pretrain", pretrain, "pretrain"), ("fer", fer, "evaluate")):
+    objective = out.get("objective")
+    if not isinstance(objective, dict) or objective.get("task") != "landmarks":
+        landmarks = None
+    for key, fallback, section in (("pretrain", pretrain, "pretrain"), ("fer", fer, "evaluate"),
+                                   ("landmarks", landmarks, "landmarks")):
         value = out.get(key, fallback)
         if isinstance(value, str):
             value = _inline(value, base_dir or Path.cwd(), key, section)
@@ -167,26 +212,57 @@ def resolve(cfg: SweepConfig) -> Resolved:
     check_config(base)
     fer = from_dict(FERConfig, cfg.fer, "fer")
     params = parse_space(cfg.space, base)
-    if not fer.data.shards and not cfg.synthetic_fer.enabled:
+    obj = cfg.objective
+    if OBJECTIVE_METRICS[obj.metric][0] != obj.task:
+        fitting = " | ".join(m for m, (t, _) in OBJECTIVE_METRICS.items() if t == obj.task)
+        raise ConfigError(f"objective.metric={obj.metric} is a {OBJECTIVE_METRICS[obj.metric][0]} metric, but "
+                          f"objective.task={obj.task}: use one of {fitting}")
+    landmarks = _resolve_landmarks(cfg) if obj.task == "landmarks" else None
+    needs_fer = obj.task == "fer" or obj.proxy == "linear_probe"  # the proxy embeds FER train rows
+    if needs_fer and not fer.data.shards and not cfg.synthetic_fer.enabled:
+        why = "" if obj.task == "fer" else " (objective.proxy=linear_probe embeds FER rows; or objective.proxy=none)"
         raise ConfigError("fer.data.shards is empty: point it at FER shards (fra shards ...) "
-                          "or set synthetic_fer.enabled=true")
-    if fer.data.val_split and cfg.objective.val_fraction:
-        raise ConfigError("set objective.val_fraction or fer.data.val_split for model selection, not both")
-    if not fer.data.val_split and not cfg.objective.val_fraction:
-        raise ConfigError("the objective needs a validation split (objective.val_fraction > 0 or "
-                          "fer.data.val_split): the test set is never used to select trials")
+                          f"or set synthetic_fer.enabled=true{why}")
+    if obj.task == "fer":
+        if fer.data.val_split and obj.val_fraction:
+            raise ConfigError("set objective.val_fraction or fer.data.val_split for model selection, not both")
+        if not fer.data.val_split and not obj.val_fraction:
+            raise ConfigError("the objective needs a validation split (objective.val_fraction > 0 or "
+                              "fer.data.val_split): the test set is never used to select trials")
     s = cfg.scheduler
-    if s.name == "asha" and s.metric == "proxy_top1" and cfg.objective.proxy == "none":
+    if s.name == "asha" and s.metric == "proxy_top1" and obj.proxy == "none":
         raise ConfigError("scheduler.metric=proxy_top1 needs objective.proxy=linear_probe (or use metric: loss)")
     epochs = base.optim.epochs
     max_t = s.max_t or epochs
     if s.name == "asha" and max_t < epochs:
         raise ConfigError(f"scheduler.max_t={max_t} < optim.epochs={epochs} would stop every trial before "
-                          "its FER evaluation; lower optim.epochs instead")
+                          "its chained evaluation; lower optim.epochs instead")
     if s.name == "asha" and not s.grace_period <= epochs >= max_t:
         raise ConfigError(f"scheduler: grace_period ({s.grace_period}) and max_t ({max_t}) must not exceed "
                           f"the pretraining epochs ({epochs})")
-    return Resolved(base, fer, params, max_t)
+    return Resolved(base, fer, params, max_t, landmarks)
+
+
+def _resolve_landmarks(cfg: SweepConfig):
+    """The chained landmark evaluation's config, checked: data, and a validation carve to select on.
+
+    The landmark job holds out validation rows by path hash from its train split
+    (``data.val_fraction``, :func:`fra.evaluation.landmarks_data.landmark_datasets`); the objective
+    is that carve's NME. Without one there is nothing honest to select on.
+    """
+    from fra.evaluation.landmarks import LandmarkConfig
+
+    lm = from_dict(LandmarkConfig, cfg.landmarks, "landmarks")
+    if not lm.data.shards and not cfg.synthetic_landmarks.enabled:
+        raise ConfigError("objective.task=landmarks but landmarks.data.shards is empty: point it at landmark "
+                          "shards (fra shards wflw|300w|aflw19 ...) or set synthetic_landmarks.enabled=true")
+    if lm.data.val_fraction and cfg.objective.val_fraction:
+        raise ConfigError("set objective.val_fraction or landmarks.data.val_fraction for model selection, not both")
+    if not lm.data.val_fraction and not cfg.objective.val_fraction:
+        raise ConfigError("the landmark objective needs a validation split (objective.val_fraction > 0 or "
+                          "landmarks.data.val_fraction > 0, carved from the landmark train split): the test set "
+                          "is never used to select trials")
+    return lm
 
 
 def trial_overrides(cfg: SweepConfig, pretrain: dict) -> dict:
@@ -204,8 +280,9 @@ def trial_overrides(cfg: SweepConfig, pretrain: dict) -> dict:
 def trial_need(cfg: SweepConfig, res: Resolved) -> dict[str, float]:
     """Peak resources of one trial: its process, the larger worker group of its two phases, data."""
     r = cfg.resources
-    fer_workers = max(1, res.fer.scaling.num_workers) * res.fer.scaling.cpus_per_worker
-    need = {"CPU": r.cpus + max(r.workers * r.cpus_per_worker, fer_workers) + r.data_cpus}
+    scaling = res.evaluation(cfg.objective.task).scaling
+    eval_workers = max(1, scaling.num_workers) * scaling.cpus_per_worker
+    need = {"CPU": r.cpus + max(r.workers * r.cpus_per_worker, eval_workers) + r.data_cpus}
     if r.gpus_per_worker:
         need["GPU"] = r.workers * r.gpus_per_worker
     return need
@@ -219,7 +296,7 @@ def check_resources(cfg: SweepConfig, res: Resolved, cluster: dict[str, float]) 
         detail = ", ".join(f"{k}: needs {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
         raise ConfigError(
             f"one trial needs more than the cluster has ({detail}); a trial = resources.cpus "
-            f"({cfg.resources.cpus:g}) + max(pretrain workers, FER workers) + resources.data_cpus "
+            f"({cfg.resources.cpus:g}) + max(pretrain workers, evaluation workers) + resources.data_cpus "
             f"({cfg.resources.data_cpus:g}). Lower resources.* or add nodes")
     fits = min(int(cluster.get(k, 0.0) // v) for k, v in need.items() if v > 0)
     if fits < cfg.max_concurrent_trials:
@@ -232,6 +309,7 @@ def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-__all__ = ["SweepConfig", "SchedulerSettings", "ObjectiveSettings", "TrialResources", "SyntheticFER", "SweepRun",
-           "SweepTracking", "Resolved", "load_sweep_config", "sweep_section", "resolve", "check_resources", "trial_need",
-           "trial_overrides", "finite", "DEFAULT_SWEEP", "OBJECTIVE_METRICS"]
+__all__ = ["SweepConfig", "SchedulerSettings", "ObjectiveSettings", "TrialResources", "SyntheticFER",
+           "SyntheticLandmarks", "SweepRun", "SweepTracking", "Resolved", "load_sweep_config", "sweep_section",
+           "resolve", "check_resources", "trial_need", "trial_overrides", "finite", "objective_mode", "DEFAULT_SWEEP",
+           "OBJECTIVE_METRICS", "OBJECTIVE_TASKS"]

@@ -13,7 +13,7 @@ from ray.tune import Callback
 from fra import storage as st
 from fra import tracking
 from fra.config import flatten, to_dict
-from fra.tuning.config import SweepConfig, finite
+from fra.tuning.config import SweepConfig, finite, objective_mode
 from fra.tuning.report import STOPPED_FILE
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,18 @@ def open_parent_run(cfg: SweepConfig, exp_dir: str) -> tuple[str, str | None]:
     uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.run.storage_path)
     try:
         run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, f"sweep:{exp_dir}", cfg.run.name,
-                                             flatten(to_dict(cfg)), tags={"fra.kind": "tune-sweep"})
+                                             flatten(to_dict(cfg)), tags=sweep_tags(cfg))
     except Exception as exc:  # noqa: BLE001 - tracking must not stop the sweep
         log.warning("MLflow unavailable (%s); the sweep runs without tracking", exc)
         return uri, None
     log.info("MLflow %s: sweep run %s (%s)", uri, run_id, "continued" if resumed else "new")
     return uri, run_id
+
+
+def sweep_tags(cfg: SweepConfig) -> dict[str, str]:
+    """The sweep run's tags: what the trials are ranked on and in which direction (NME: min)."""
+    return {"fra.kind": "tune-sweep", "fra.objective_task": cfg.objective.task,
+            "fra.objective_metric": cfg.objective.metric, "fra.objective_mode": objective_mode(cfg.objective)}
 
 
 class MLflowTrials(Callback):
@@ -118,4 +124,4 @@ def log_sweep_summary(uri: str, run_id: str, rows: list[dict], best: dict | None
         log.warning("MLflow sweep summary not logged: %s", exc)
 
 
-__all__ = ["open_parent_run", "MLflowTrials", "log_sweep_summary"]
+__all__ = ["open_parent_run", "MLflowTrials", "log_sweep_summary", "sweep_tags"]

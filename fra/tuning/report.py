@@ -2,9 +2,11 @@
 (a pretrain config and a ``fra run`` pipeline).
 
 Rows come from Tune's trials plus each trial's files. A trial's status is ``completed`` (its
-``result.json`` holds the chained FER objective), ``stopped_early`` (the scheduler recorded
+``result.json`` holds the chained evaluation's objective), ``stopped_early`` (the scheduler recorded
 ``stopped_early.json`` before the evaluation), ``failed`` (Tune error, or training stopped by a
-guard) or ``unfinished`` (an interrupted sweep).
+guard) or ``unfinished`` (an interrupted sweep). The columns follow ``objective.task`` (FER's
+validation top-1 / macro-F1 and test numbers, or the landmark job's validation and test NME), and
+the best trial is the highest objective, or the lowest for a ``min`` objective (NME).
 """
 from __future__ import annotations
 
@@ -19,19 +21,31 @@ import yaml
 
 from fra import storage as st
 from fra.redaction import redact
-from fra.tuning.config import SweepConfig, finite
+from fra.tuning.config import SweepConfig, finite, objective_mode
 from fra.tuning.space import Param, set_paths
 from fra.tuning.trial import STARTS_FILE
 
 log = logging.getLogger(__name__)
 
 STOPPED_FILE = "stopped_early.json"
-METRIC_COLUMNS = ("epochs", "proxy_top1", "objective", "val_top1", "val_macro_f1", "test_top1_last",
-                  "test_top1_mean_last5", "test_macro_f1", "seconds", "starts")
+# The chained evaluation's columns per objective.task (validation first: it is what selects).
+TASK_COLUMNS = {"fer": ("val_top1", "val_macro_f1", "test_top1_last", "test_top1_mean_last5", "test_macro_f1"),
+                "landmarks": ("val_nme", "val_nme_best", "test_nme_last", "test_nme_mean_last_k", "test_fr_last",
+                              "test_auc_last")}
+METRIC_COLUMNS = ("epochs", "proxy_top1", "objective", *TASK_COLUMNS["fer"], "seconds", "starts")
+# What the objective is, for plot labels: (short name, unit).
+OBJECTIVE_LABELS = {"val_top1": ("FER val top-1", "%"), "val_top1_best": ("FER best val top-1", "%"),
+                    "val_macro_f1": ("FER val macro-F1", "%"), "val_nme": ("landmark val NME", "%"),
+                    "val_nme_best": ("landmark best val NME", "%")}
 
 
-def collect_rows(grid, params: list[Param], exp_dir: str) -> list[dict]:
-    """One row per trial: id, status, searched values, proxy, FER metrics, compute time, starts."""
+def metric_columns(task: str = "fer") -> tuple[str, ...]:
+    """The table's metric columns for ``objective.task``."""
+    return ("epochs", "proxy_top1", "objective", *TASK_COLUMNS[task], "seconds", "starts")
+
+
+def collect_rows(grid, params: list[Param], exp_dir: str, task: str = "fer") -> list[dict]:
+    """One row per trial: id, status, searched values, proxy, the task's metrics, compute time, starts."""
     analysis = grid._experiment_analysis  # NOTE: the Trial objects (status) are only reachable here
     frames = analysis.trial_dataframes
     starts = count_starts(exp_dir)
@@ -48,8 +62,7 @@ def collect_rows(grid, params: list[Param], exp_dir: str) -> list[dict]:
         row.update({p.name: trial.config.get(p.path) for p in params})
         row["epochs"] = _last(df, "epoch", last.get("epoch"))
         row["proxy_top1"] = _last(df, "proxy_top1", None)
-        for key in ("objective", "val_top1", "val_macro_f1", "test_top1_last", "test_top1_mean_last5",
-                    "test_macro_f1"):
+        for key in ("objective", *TASK_COLUMNS[task]):
             row[key] = final.get(key, last.get(key))
         row["seconds"] = last.get("time_total_s")
         row["starts"] = starts.get(tid, 0)
@@ -89,14 +102,19 @@ def count_starts(exp_dir: str) -> dict[str, int]:
     return out
 
 
-def best_row(rows: list[dict]) -> dict | None:
-    """The completed trial with the highest objective (ties: the earlier trial)."""
+def best_row(rows: list[dict], mode: str = "max") -> dict | None:
+    """The completed trial with the highest objective (``mode="min"``: the lowest, as for NME;
+    ties: the earlier trial)."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     done = [r for r in rows if r["status"] == "completed"]
-    return max(done, key=lambda r: r["objective"]) if done else None
+    if not done:
+        return None
+    return (min if mode == "min" else max)(done, key=lambda r: r["objective"])
 
 
-def write_table(rows: list[dict], params: list[Param], path: str) -> str:
-    columns = ["trial_id", "status", *[p.name for p in params], *METRIC_COLUMNS, "error"]
+def write_table(rows: list[dict], params: list[Param], path: str, task: str = "fer") -> str:
+    columns = ["trial_id", "status", *[p.name for p in params], *metric_columns(task), "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, extrasaction="ignore")
     writer.writeheader()
@@ -105,9 +123,9 @@ def write_table(rows: list[dict], params: list[Param], path: str) -> str:
     return st.write_text(path, buf.getvalue())
 
 
-def format_table(rows: list[dict], params: list[Param]) -> str:
+def format_table(rows: list[dict], params: list[Param], task: str = "fer") -> str:
     """A fixed-width console table (the CSV without the error column)."""
-    columns = ["trial_id", "status", *[p.name for p in params], *METRIC_COLUMNS]
+    columns = ["trial_id", "status", *[p.name for p in params], *metric_columns(task)]
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
@@ -123,17 +141,26 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def plot_objective(rows: list[dict], params: list[Param], path: str) -> str | None:
-    """Objective against each searched parameter; stopped trials at their last proxy value."""
+def plot_objective(rows: list[dict], params: list[Param], path: str, objective=None) -> str | None:
+    """Objective against each searched parameter; stopped trials at their last proxy value.
+
+    ``objective`` (:class:`~fra.tuning.config.ObjectiveSettings`, default FER val top-1) names the
+    y axis and the direction; with a ``min`` objective (NME) the proxy of stopped trials, an accuracy,
+    is not drawn on the same axis.
+    """
     if not rows:
         return None
+    metric = objective.metric if objective is not None else "val_top1"
+    mode = objective_mode(objective) if objective is not None else "max"
+    name, unit = OBJECTIVE_LABELS[metric]
+    same_axis = mode == "max"  # the proxy (linear-probe top-1) shares the axis of accuracy objectives only
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    best = best_row(rows)
+    best = best_row(rows, mode)
     fig, axes = plt.subplots(1, len(params), figsize=(3.4 * len(params), 3.0), dpi=100, squeeze=False)
     for ax, p in zip(axes[0], params):
         values = [r[p.name] for r in rows]
@@ -143,7 +170,7 @@ def plot_objective(rows: list[dict], params: list[Param], path: str) -> str | No
         for x, r in zip(xs, rows):
             if r["status"] == "completed":
                 ax.scatter(x, r["objective"], color="tab:blue", zorder=3)
-            elif finite(r.get("proxy_top1")):
+            elif same_axis and finite(r.get("proxy_top1")):
                 ax.scatter(x, r["proxy_top1"], facecolors="none", edgecolors="gray", zorder=2)
         if best is not None:
             bx = best[p.name] if numeric else labels.index(repr(best[p.name]))
@@ -155,8 +182,11 @@ def plot_objective(rows: list[dict], params: list[Param], path: str) -> str | No
             ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel(p.name)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("objective (FER val top-1, %)")
-    fig.suptitle("filled: chained FER objective · hollow: proxy of early-stopped trials · star: best", fontsize=8)
+    better = "lower is better" if mode == "min" else "higher is better"
+    axes[0][0].set_ylabel(f"objective ({name}, {unit}; {better})")
+    hollow = " · hollow: proxy of early-stopped trials" if same_axis else ""
+    which = "lowest" if mode == "min" else "highest"
+    fig.suptitle(f"filled: chained objective ({metric}){hollow} · star: best ({which})", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -164,7 +194,7 @@ def plot_objective(rows: list[dict], params: list[Param], path: str) -> str | No
     return st.write_bytes(path, buf.getvalue())
 
 
-def write_best(row: dict, exp_dir: str, cfg: SweepConfig, fer: dict, tracking_uri: str = "") -> dict[str, str]:
+def write_best(row: dict, exp_dir: str, cfg: SweepConfig, evaluation: dict, tracking_uri: str = "") -> dict[str, str]:
     """Write the best trial's ``best_pretrain.yaml``, ``best_pipeline.yaml`` and ``best.json``.
 
     ``best_pretrain.yaml`` is a PretrainConfig (``fra pretrain`` runs it); ``best_pipeline.yaml`` is
@@ -174,7 +204,8 @@ def write_best(row: dict, exp_dir: str, cfg: SweepConfig, fer: dict, tracking_ur
         row: the best row of :func:`collect_rows`.
         exp_dir: the sweep directory (holds ``trials/<id>/pretrain.yaml`` and ``result.json``).
         cfg: the sweep config.
-        fer: the FER mapping of the chained evaluation (shards filled in).
+        evaluation: the mapping of the chained evaluation (FER or landmarks per ``objective.task``; shards
+            filled in).
         tracking_uri: the MLflow URI the sweep logged to ("" = the pipeline's own sqlite file).
     """
     tid = row["trial_id"]
@@ -184,43 +215,59 @@ def write_best(row: dict, exp_dir: str, cfg: SweepConfig, fer: dict, tracking_ur
     standalone = {**trial_cfg, "run": {**trial_cfg["run"], "name": f"{cfg.run.name}-best",
                                        "storage_path": base_pretrain.get("run", {}).get("storage_path", "runs")},
                   "tracking": {**trial_cfg["tracking"], "enabled": True, **base_pretrain.get("tracking", {})}}
-    pipeline = best_pipeline(trial_cfg, cfg, fer, tracking_uri, st.join(st.dirname(exp_dir), f"{cfg.run.name}-best"))
+    pipeline = best_pipeline(trial_cfg, cfg, evaluation, tracking_uri,
+                             st.join(st.dirname(exp_dir), f"{cfg.run.name}-best"))
+    if cfg.objective.task == "landmarks":
+        what = (f"lowest; landmark validation carve; test NME last = {_fmt(row.get('test_nme_last'))}")
+    else:
+        what = f"highest; FER validation split; test top-1 last = {_fmt(row.get('test_top1_last'))}"
     header = (f"# Best trial {tid} of sweep {cfg.run.name}: {cfg.objective.metric} = {row['objective']:.4g} "
-              f"(FER validation carve; test top-1 last = {_fmt(row.get('test_top1_last'))}).\n"
-              f"# Written by fra tune from {exp_dir}.\n")
+              f"({what}).\n# Written by fra tune from {exp_dir}.\n")
+    stage = pipeline["stages"][1]
     out = {"config": st.join(exp_dir, "best_pretrain.yaml"), "pipeline": st.join(exp_dir, "best_pipeline.yaml"),
            "json": st.join(exp_dir, "best.json")}
     st.write_text(out["config"], header + f"# Run: fra pretrain {out['config']}\n"
                       + yaml.safe_dump(redact(standalone), sort_keys=False))
-    st.write_text(out["pipeline"], header + f"# Run: fra run {out['pipeline']}  (pretrain -> evaluate -> "
-                      "register -> promote; --set stages=[pretrain,evaluate] to skip the registry)\n"
+    st.write_text(out["pipeline"], header + f"# Run: fra run {out['pipeline']}  (pretrain -> {stage} -> "
+                      f"register -> promote; --set stages=[pretrain,{stage}] to skip the registry)\n"
                       + yaml.safe_dump(redact(pipeline), sort_keys=False))
     done = st.read_json(st.join(exp_dir, "trials", tid, "result.json"))
     st.write_json(out["json"], {"trial_id": tid, "params": done["params"], "report": done["report"],
-                                    "pretrain": done.get("pretrain", {}), "fer": done.get("fer", {}),
+                                    "pretrain": done.get("pretrain", {}),
+                                    cfg.objective.task: done.get(cfg.objective.task, {}),
                                     "config": str(out["config"]), "pipeline": str(out["pipeline"])})
     return out
 
 
-def best_pipeline(trial_cfg: dict, cfg: SweepConfig, fer: dict, tracking_uri: str, storage: str) -> dict:
-    """A ``fra run`` pipeline reproducing a trial: pretrain -> evaluate -> register -> promote.
+def best_pipeline(trial_cfg: dict, cfg: SweepConfig, evaluation: dict, tracking_uri: str, storage: str) -> dict:
+    """A ``fra run`` pipeline reproducing a trial: pretrain -> evaluation -> register -> promote.
 
-    The pretrain section is the trial's resolved config and the evaluate section the trial's
-    chained evaluation (same protocol, data and validation carve) of the pipeline's own
-    pretraining. Run names, storage and the MLflow URI are left to the pipeline unless the
-    sweep's base sections set them.
+    The pretrain section is the trial's resolved config and the evaluation section the trial's
+    chained evaluation (same data and validation carve; FER: same protocol) of the pipeline's own
+    pretraining: ``evaluate`` for FER, ``landmarks`` for a landmark objective, whose promotion
+    gates on the headline NME, lower is better. Run names, storage and the MLflow URI are left to
+    the pipeline unless the sweep's base sections set them.
     """
     pretrain = _pipeline_section(trial_cfg, cfg.pretrain)
     pretrain["tracking"] = {**pretrain["tracking"], "enabled": True, **cfg.pretrain.get("tracking", {})}
-    values = {"protocol": cfg.objective.protocol, "backbone.source": "auto", "tracking.enabled": True}
-    if not fer.get("data", {}).get("val_split"):
-        values["data.val_fraction"] = cfg.objective.val_fraction
-    evaluate = _pipeline_section(set_paths(fer, values), cfg.fer)
+    if cfg.objective.task == "landmarks":
+        values = {"backbone.source": "auto", "tracking.enabled": True}
+        if not evaluation.get("data", {}).get("val_fraction"):
+            values["data.val_fraction"] = cfg.objective.val_fraction
+        stage, written = "landmarks", cfg.landmarks
+        promote = {"gate_metric": "landmarks_nme_mean_last_k", "mode": "min", "margin": 0.0}
+    else:
+        values = {"protocol": cfg.objective.protocol, "backbone.source": "auto", "tracking.enabled": True}
+        if not evaluation.get("data", {}).get("val_split"):
+            values["data.val_fraction"] = cfg.objective.val_fraction
+        stage, written = "evaluate", cfg.fer
+        promote = {"gate_metric": "fer_top1_mean_last5", "margin": 0.0}
+    section = _pipeline_section(set_paths(evaluation, values), written)
     ray = {k: v for k, v in (("address", cfg.run.ray_address), ("num_cpus", cfg.run.num_cpus)) if v}
     return {"name": f"{cfg.run.name}-best", "storage_path": str(storage),
-            "stages": ["pretrain", "evaluate", "register", "promote"], **({"ray": ray} if ray else {}),
-            "tracking": {"mlflow_uri": tracking_uri}, "pretrain": pretrain, "evaluate": evaluate,
-            "register": {"name": cfg.run.name}, "promote": {"gate_metric": "fer_top1_mean_last5", "margin": 0.0}}
+            "stages": ["pretrain", stage, "register", "promote"], **({"ray": ray} if ray else {}),
+            "tracking": {"mlflow_uri": tracking_uri}, "pretrain": pretrain, stage: section,
+            "register": {"name": cfg.run.name}, "promote": promote}
 
 
 def _pipeline_section(resolved: dict, written: dict) -> dict:
@@ -234,4 +281,4 @@ def _pipeline_section(resolved: dict, written: dict) -> dict:
 
 
 __all__ = ["collect_rows", "count_starts", "best_row", "write_table", "format_table", "plot_objective",
-           "write_best", "best_pipeline", "METRIC_COLUMNS", "STOPPED_FILE"]
+           "write_best", "best_pipeline", "metric_columns", "METRIC_COLUMNS", "TASK_COLUMNS", "STOPPED_FILE"]

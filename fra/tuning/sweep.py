@@ -2,7 +2,8 @@
 
 Layout of ``<run.storage_path>/<run.name>/``: Tune's experiment state and per-trial dirs,
 ``train_runs/train_<trial>/`` (each trial's pretraining run: checkpoints, ``final/``,
-``export/backbone.pt``), ``fer_runs/fer_<trial>/`` (the chained evaluation), ``trials/<trial>/``
+``export/backbone.pt``), ``fer_runs/fer_<trial>/`` or ``landmark_runs/landmarks_<trial>/`` (the chained
+evaluation, ``objective.task``), ``trials/<trial>/``
 (``pretrain.yaml``, ``result.json``, ``epochs.json``, ``starts.json``), ``sweep.yaml`` (the resolved sweep)
 and the outputs ``results.csv``, ``objective.png``, ``best_pretrain.yaml``, ``best_pipeline.yaml``,
 ``best.json``. MLflow gets one parent run per sweep and one nested run per trial.
@@ -25,9 +26,8 @@ from ray.tune.schedulers import ASHAScheduler
 from fra import storage as st
 from fra.config import to_dict, to_record
 from fra.errors import ConfigError, FraError
-from fra.evaluation.fer import FERConfig
 from fra.tuning import report
-from fra.tuning.config import Resolved, SchedulerSettings, SweepConfig, check_resources, resolve
+from fra.tuning.config import Resolved, SchedulerSettings, SweepConfig, check_resources, objective_mode, resolve
 from fra.tuning.mlflow_runs import MLflowTrials, log_sweep_summary, open_parent_run
 from fra.tuning.space import with_values
 from fra.ray_runtime import check_shared_location, cluster_capacity, init_ray
@@ -35,7 +35,8 @@ from fra.ray_runtime import check_shared_location, cluster_capacity, init_ray
 log = logging.getLogger(__name__)
 
 # Sections that define which trials a sweep has: they must not change between a run and its resume.
-IDENTITY_KEYS = ("pretrain", "fer", "space", "num_samples", "seed", "scheduler", "objective", "synthetic_fer")
+IDENTITY_KEYS = ("pretrain", "fer", "landmarks", "space", "num_samples", "seed", "scheduler", "objective",
+                 "synthetic_fer", "synthetic_landmarks")
 
 
 @dataclass
@@ -45,7 +46,7 @@ class SweepResult:
     experiment_dir: str  # a local path or a URI, as run.storage_path
     best_trial_id: str | None
     best_params: dict[str, Any]
-    best_objective: float | None
+    best_objective: float | None  # the best trial's objective (highest, or lowest with objective_mode min)
     best_metrics: dict[str, Any]
     best_config_path: str | None  # ready-to-run PretrainConfig YAML
     best_pipeline_path: str | None  # a `fra run` pipeline: pretrain -> evaluate -> register -> promote
@@ -56,6 +57,8 @@ class SweepResult:
     mlflow_run_id: str | None
     rows: list[dict] = field(default_factory=list, repr=False)
     table_text: str = field(default="", repr=False)  # the table as fixed-width text
+    objective_metric: str = "val_top1"  # objective.metric
+    objective_mode: str = "max"  # max (FER accuracy / F1) | min (landmark NME): how the best trial was chosen
 
 
 class SweepInterrupted(FraError):
@@ -63,7 +66,7 @@ class SweepInterrupted(FraError):
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
-    """Run (or resume) a sweep; every trial = pretrain -> chained FER evaluation.
+    """Run (or resume) a sweep; every trial = pretrain -> chained evaluation (FER, or landmarks).
 
     Args:
         cfg: the sweep.
@@ -89,7 +92,12 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
     check_shared_location("run.storage_path", storage)
     concurrency = check_resources(cfg, res, cluster_capacity())
     check_state_api(cfg)
-    fer = with_values(res.fer, {"data.shards": fer_shards(cfg, res, exp_dir), "protocol": cfg.objective.protocol})
+    task = cfg.objective.task
+    fer, landmarks = res.fer, None
+    if task == "fer" or cfg.objective.proxy == "linear_probe":
+        fer = with_values(res.fer, {"data.shards": fer_shards(cfg, res, exp_dir), "protocol": cfg.objective.protocol})
+    if task == "landmarks":
+        landmarks = with_values(res.landmarks, {"data.shards": landmark_shards(cfg, res, exp_dir)})
     if res.base.data.source == "synthetic":  # render once here, not in every trial at the same time
         from fra.train.ray_trainer import prepare_data
 
@@ -97,7 +105,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
     st.write_text(st.join(exp_dir, "sweep.yaml"), yaml.safe_dump(to_record(cfg), sort_keys=False))
     uri, parent = open_parent_run(cfg, exp_dir)
     setup = TrialSetup(base=res.base, fer=fer, objective=cfg.objective, sweep_dir=exp_dir,
-                       scheduler_metric=cfg.scheduler.metric if cfg.scheduler.name != "none" else "")
+                       scheduler_metric=cfg.scheduler.metric if cfg.scheduler.name != "none" else "",
+                       landmarks=landmarks)
     trainable = tune.with_resources(tune.with_parameters(fra_trial, setup=setup), {"CPU": cfg.resources.cpus})
     if resume and tune.Tuner.can_restore(exp_dir):
         log.info("resuming sweep %s (finished trials are kept)", exp_dir)
@@ -112,7 +121,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> SweepResult:
                 scheduler=build_scheduler(cfg.scheduler, res.max_t, exp_dir)),
             run_config=tune.RunConfig(name=cfg.run.name, storage_path=storage, callbacks=callbacks))
     grid = tuner.fit()
-    out = write_outputs(cfg, res, grid, exp_dir, fer, uri, parent)
+    out = write_outputs(cfg, res, grid, exp_dir, landmarks if task == "landmarks" else fer, uri, parent)
     unfinished = [r["trial_id"] for r in out.rows if r["status"] == "unfinished"]
     missing = expected_trials(cfg, res) - len(out.rows)
     if unfinished or missing > 0:
@@ -203,7 +212,7 @@ class RecordingASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._load_once()
         # NOTE: Ray's ASHA has a rung at max_t and stops there even with stop_last_trials=False; a
-        # trial whose pretraining is complete is judged by its chained FER evaluation, not the proxy.
+        # trial whose pretraining is complete is judged by its chained evaluation, not the proxy.
         if result.get(self._time_attr, 0) >= self._max_t:
             return self.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
@@ -278,6 +287,10 @@ def check_snapshot(cfg: SweepConfig, exp_dir: str, resume: bool) -> None:
     if not resume:
         raise ConfigError(f"{exp_dir} already holds a sweep: resume it, or choose another run.name")
     old, new = yaml.safe_load(st.read_text(snap)) or {}, to_record(cfg)  # the snapshot was written redacted
+    # A section or key this fra added since the snapshot was written counts at its default.
+    defaults = to_record(SweepConfig())
+    old = {k: ({**defaults[k], **old[k]} if isinstance(defaults.get(k), dict) and isinstance(old.get(k), dict)
+               else old.get(k, defaults.get(k))) for k in IDENTITY_KEYS}
     changed = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
     if changed:
         raise ConfigError(f"cannot resume {exp_dir}: {', '.join(changed)} changed since it started "
@@ -288,36 +301,52 @@ def fer_shards(cfg: SweepConfig, res: Resolved, exp_dir: str) -> str:
     """The FER shard root; renders synthetic FER shards first when asked (resumable, cached)."""
     if res.fer.data.shards:
         return res.fer.data.shards
+    return _synthetic_shards("synthetic_faces", "fer_synthetic", to_dict(cfg.synthetic_fer), exp_dir)
+
+
+def landmark_shards(cfg: SweepConfig, res: Resolved, exp_dir: str) -> str:
+    """The landmark shard root; renders synthetic 68-point faces first when asked (resumable, cached)."""
+    if res.landmarks.data.shards:
+        return res.landmarks.data.shards
+    return _synthetic_shards("synthetic_landmarks", "landmarks_synthetic", to_dict(cfg.synthetic_landmarks), exp_dir)
+
+
+def _synthetic_shards(source: str, prefix: str, settings: dict, exp_dir: str) -> str:
+    """Render ``source`` with ``settings`` (minus ``enabled``) under ``<storage>/_shards``, keyed by the settings."""
     from fra.data.shards import write_shards
 
-    s = to_dict(cfg.synthetic_fer)
-    key = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:12]
-    out = st.join(st.dirname(exp_dir), "_shards", f"fer_synthetic_{key}")
-    write_shards("synthetic_faces", "", str(out), images_per_shard=256, row_group_size=32,
-                 num_identities=s["num_identities"], images_per_identity=s["images_per_identity"],
-                 size=s["size"], seed=s["seed"])
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    out = st.join(st.dirname(exp_dir), "_shards", f"{prefix}_{key}")
+    options = {k: v for k, v in settings.items() if k != "enabled"}
+    write_shards(source, "", str(out), images_per_shard=256, row_group_size=32, **options)
     return str(out)
 
 
-def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: str, fer: FERConfig, uri: str,
+def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: str, evaluation, uri: str,
                   parent: str | None) -> SweepResult:
-    """Table (CSV + console), plot, best config files, and the parent MLflow run's summary."""
-    rows = report.collect_rows(grid, res.params, exp_dir)
-    table = report.write_table(rows, res.params, st.join(exp_dir, "results.csv"))
-    text = report.format_table(rows, res.params)
+    """Table (CSV + console), plot, best config files, and the parent MLflow run's summary.
+
+    ``evaluation`` is the chained evaluation's config (FER or landmarks, data filled in); the best
+    trial is the highest objective, or the lowest for a ``min`` objective (landmark NME).
+    """
+    task, mode = cfg.objective.task, objective_mode(cfg.objective)
+    rows = report.collect_rows(grid, res.params, exp_dir, task)
+    table = report.write_table(rows, res.params, st.join(exp_dir, "results.csv"), task)
+    text = report.format_table(rows, res.params, task)
     log.info("sweep %s: %d trial(s)\n%s", st.basename(exp_dir), len(rows), text)
-    plot = report.plot_objective(rows, res.params, st.join(exp_dir, "objective.png"))
-    best = report.best_row(rows)
+    plot = report.plot_objective(rows, res.params, st.join(exp_dir, "objective.png"), cfg.objective)
+    best = report.best_row(rows, mode)
     files: dict[str, str] = {}
     done: dict = {}
     if best is not None:
-        # The best pipeline's evaluate section: the trials' FER config, written as a mapping.
-        files = report.write_best(best, exp_dir, cfg, to_dict(with_values(fer, {"tracking.enabled": True})), uri)
+        # The best pipeline's evaluation section: the trials' evaluation config, written as a mapping.
+        files = report.write_best(best, exp_dir, cfg, to_dict(with_values(evaluation, {"tracking.enabled": True})),
+                                  uri)
         done = st.read_json(st.join(exp_dir, "trials", best["trial_id"], "result.json"))
-        log.info("best trial %s: %s = %.4g -> %s", best["trial_id"], cfg.objective.metric, best["objective"],
-                 files["config"])
+        log.info("best trial %s: %s = %.4g (%s is best) -> %s", best["trial_id"], cfg.objective.metric,
+                 best["objective"], "lowest" if mode == "min" else "highest", files["config"])
     else:
-        log.warning("no trial completed its FER evaluation; no best config written")
+        log.warning("no trial completed its chained %s evaluation; no best config written", task)
     if parent:
         log_sweep_summary(uri, parent, rows, best, [table, plot, *files.values(), st.join(exp_dir, "sweep.yaml")])
     export = done["pretrain"]["export_dir"] if done.get("pretrain") else None
@@ -327,8 +356,8 @@ def write_outputs(cfg: SweepConfig, res: Resolved, grid, exp_dir: str, fer: FERC
         best_metrics=dict(done.get("report", {})), best_config_path=files.get("config"),
         best_pipeline_path=files.get("pipeline"), best_export_dir=export,
         best_backbone=st.join(export, "backbone.pt") if export else None, table_path=table, plot_path=plot,
-        mlflow_run_id=parent, rows=rows, table_text=text)
+        mlflow_run_id=parent, rows=rows, table_text=text, objective_metric=cfg.objective.metric, objective_mode=mode)
 
 
 __all__ = ["SweepResult", "SweepInterrupted", "run_sweep", "expected_trials", "build_scheduler", "RecordingASHA",
-           "refuse_legacy_scheduler_state", "check_snapshot", "fer_shards", "write_outputs"]
+           "refuse_legacy_scheduler_state", "check_snapshot", "fer_shards", "landmark_shards", "write_outputs"]

@@ -1,10 +1,13 @@
-"""One Tune trial = the project's pretraining, then the project's FER evaluation (chained).
+"""One Tune trial = the project's pretraining, then the project's FER or landmark evaluation (chained).
 
 :func:`fra_trial` is a Tune function trainable. It builds the trial's
 :class:`~fra.config.PretrainConfig` (base + sampled values), runs
 :func:`fra.train.ray_trainer.pretrain_ray` (the same code as ``fra pretrain``) with
-:class:`ProxyReport` in the Train run config, then :func:`fra.evaluation.fer.evaluate_fer` (the
-same code as ``fra evaluate fer``) on the pretrained backbone, and reports the objective.
+:class:`ProxyReport` in the Train run config, then, per ``objective.task``,
+:func:`fra.evaluation.fer.evaluate_fer` (``fra evaluate fer``) or
+:func:`fra.evaluation.landmarks.evaluate_landmarks` (``fra evaluate landmarks``) on the pretrained
+backbone, and reports the objective: a validation number (FER top-1 / macro-F1, or the landmark
+NME of the validation carve), never a test one; test numbers are reported next to it.
 
 * Per epoch, :class:`ProxyReport` (a Train ``UserCallback`` running in the Train controller)
   scores the epoch's checkpoint with the frozen-feature linear probe on a holdout carved from the
@@ -47,10 +50,11 @@ class TrialSetup:
     """What every trial shares (typed configs; shipped once through the object store)."""
 
     base: PretrainConfig  # the resolved pretraining config (resources forced in)
-    fer: FERConfig  # the resolved FER config (shards and protocol filled in)
+    fer: FERConfig  # the resolved FER config (shards and protocol filled in; task landmarks: the proxy's data)
     objective: ObjectiveSettings
     sweep_dir: str
     scheduler_metric: str = ""  # must appear in every result Tune receives (its strict metric check)
+    landmarks: Any = None  # the resolved LandmarkConfig (objective.task=landmarks; shards filled in)
 
 
 class ProxyReport(TuneReportCallback):
@@ -114,6 +118,18 @@ def trial_fer_config(setup: TrialSetup):
     return with_values(fer, values)
 
 
+def trial_landmark_config(setup: TrialSetup):
+    """The chained landmark evaluation's config: the validation carve from the objective, no model file."""
+    obj, lm = setup.objective, setup.landmarks
+    values = {"tracking.enabled": False, "run.save_model": False,
+              "run.storage_path": st.join(setup.sweep_dir, "landmark_runs"),
+              # NOTE: >= 1 worker: Train's local mode (0) would call ray.train APIs inside the Tune session.
+              "scaling.num_workers": max(1, lm.scaling.num_workers)}
+    if not lm.data.val_fraction:
+        values["data.val_fraction"] = obj.val_fraction
+    return with_values(lm, values)
+
+
 def proxy_kwargs(setup: TrialSetup, fer_cfg) -> dict | None:
     """Arguments of the per-epoch probe (None when the proxy is off)."""
     obj = setup.objective
@@ -131,6 +147,25 @@ def fer_metrics(result, metric: str) -> dict[str, float]:
     out = {"val_top1": val.get("top1"), "val_macro_f1": val.get("macro_f1"), "val_top1_best": s.get("val_top1_best"),
            "test_top1_last": result.top1_last, "test_top1_mean_last5": result.top1_mean_last5,
            "test_macro_f1": result.macro_f1, "test_mean_class_acc": result.mean_class_acc}
+    out = {k: float("nan") if v is None else float(v) for k, v in out.items()}
+    out["objective"] = out[metric]
+    return out
+
+
+def landmark_metrics(result, metric: str) -> dict[str, float]:
+    """Validation NME (selection: the validation carve of the landmark train split) and test numbers
+    (reporting only) of one landmark run; NME and FR in %, lower is better.
+
+    ``val_nme`` is the last evaluated epoch's validation NME, ``val_nme_best`` the lowest over the
+    evaluated epochs (:func:`fra.evaluation.landmark_metrics.summarise_landmarks`).
+    """
+    with_val = [h for h in result.history if h.get("val") is not None]
+    if not with_val:
+        raise FraError("the landmark evaluation reported no validation NME: the objective needs a validation carve")
+    s = result.summary
+    out = {"val_nme": with_val[-1]["val"]["full"]["nme"], "val_nme_best": s.get("val_nme_best"),
+           "test_nme_last": result.nme_last, "test_nme_mean_last_k": result.nme_mean_last_k,
+           "test_fr_last": result.fr_last, "test_auc_last": result.auc_last}
     out = {k: float("nan") if v is None else float(v) for k, v in out.items()}
     out["objective"] = out[metric]
     return out
@@ -162,8 +197,6 @@ def fra_trial(config: dict, setup: TrialSetup) -> None:
     """The Tune function trainable (see the module docstring)."""
     from ray import tune
 
-    from fra.evaluation.fer import evaluate_fer
-
     trial_id = tune.get_context().get_trial_id()
     params = {k: plain(v) for k, v in config.items()}
     tdir = st.join(setup.sweep_dir, "trials", trial_id)
@@ -173,7 +206,7 @@ def fra_trial(config: dict, setup: TrialSetup) -> None:
         tune.report(st.read_json(done)["report"])
         return
     cfg = trial_pretrain_config(setup, params, trial_id)
-    fer_cfg = trial_fer_config(setup)
+    fer_cfg = trial_fer_config(setup)  # task landmarks: only the proxy's data
     st.write_text(st.join(tdir, "pretrain.yaml"), yaml.safe_dump(to_record(cfg), sort_keys=False))
     t0 = time.time()
     try:
@@ -189,14 +222,28 @@ def fra_trial(config: dict, setup: TrialSetup) -> None:
         tune.report(report)
         return
     t1 = time.time()
-    fer = evaluate_fer(fer_cfg, pre["backbone"], run_name=f"fer_{trial_id}")
-    report = {**last_epoch_metrics(epochs, setup.scheduler_metric),
-              **fer_metrics(fer, setup.objective.metric), "epoch": pre["epoch"],
-              "pretrain_seconds": t1 - t0, "fer_seconds": time.time() - t1}
+    task = setup.objective.task
+    metrics, evaluation = chained_evaluation(setup, fer_cfg, pre["backbone"], trial_id)
+    report = {**last_epoch_metrics(epochs, setup.scheduler_metric), **metrics, "epoch": pre["epoch"],
+              "pretrain_seconds": t1 - t0, f"{task}_seconds": time.time() - t1}
     st.write_json(done, {"trial_id": trial_id, "params": params, "report": report, "pretrain": pre,
-                         "fer": {"results": str(fer.results_path), "run_dir": str(fer.run_dir)},
-                         "config": st.join(tdir, "pretrain.yaml")})
+                         task: evaluation, "config": st.join(tdir, "pretrain.yaml")})
     tune.report(report)
+
+
+def chained_evaluation(setup: TrialSetup, fer_cfg, backbone: str, trial_id: str) -> tuple[dict, dict]:
+    """Run the objective's evaluation on the trial's backbone: (metrics with ``objective``, its files)."""
+    if setup.objective.task == "landmarks":
+        from fra.evaluation.landmarks import evaluate_landmarks
+
+        res = evaluate_landmarks(trial_landmark_config(setup), backbone, run_name=f"landmarks_{trial_id}")
+        metrics = landmark_metrics(res, setup.objective.metric)
+    else:
+        from fra.evaluation.fer import evaluate_fer
+
+        res = evaluate_fer(fer_cfg, backbone, run_name=f"fer_{trial_id}")
+        metrics = fer_metrics(res, setup.objective.metric)
+    return metrics, {"results": str(res.results_path), "run_dir": str(res.run_dir)}
 
 
 def pretrain_or_reuse(cfg, callbacks: list) -> dict:
@@ -217,5 +264,5 @@ def pretrain_or_reuse(cfg, callbacks: list) -> dict:
 
 
 __all__ = ["TrialSetup", "ProxyReport", "fra_trial", "trial_pretrain_config", "trial_fer_config", "fer_metrics",
-           "proxy_kwargs", "record_start", "read_record", "last_epoch_metrics", "pretrain_or_reuse",
-           "STARTS_FILE", "EPOCHS_FILE"]
+           "trial_landmark_config", "landmark_metrics", "chained_evaluation", "proxy_kwargs", "record_start",
+           "read_record", "last_epoch_metrics", "pretrain_or_reuse", "STARTS_FILE", "EPOCHS_FILE"]
