@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         bench = load_benchmark(args.pipeline, args.overrides)
         if args.dry_run:
             print(f"benchmark {bench.name} is valid: {len(bench.methods)} methods x {len(bench.seeds)} seeds, "
-                  f"protocols {list(bench.evaluate)}")
+                  f"FER protocols {list(bench.evaluate)}, landmark protocols {list(bench.landmarks)}, "
+                  f"attribute protocols {list(bench.attributes)}")
             return 0
         if args.restart:
             (Path(bench.storage_path) / "benchmark_state.json").unlink(missing_ok=True)
