@@ -143,3 +143,24 @@ def test_bad_arguments_are_data_errors(tmp_path):
     with pytest.raises(DataError):
         read_manifest(str(tmp_path / "missing"))
     assert os.listdir(tmp_path) == []
+
+
+def test_sweep_synthetic_shards_render_the_generator_seed_they_name(tmp_path, monkeypatch):
+    """A sweep's chained evaluation reads faces of other identities than pretraining's: its
+    ``synthetic_fer.seed`` is the face generator's seed (it was once taken as the shuffle seed,
+    so every sweep evaluated on generator seed 0, the pretraining faces)."""
+    import fra.data.shards as shards_mod
+    from fra.tuning.sweep import _synthetic_shards
+
+    real = shards_mod.write_shards
+    monkeypatch.setattr(shards_mod, "write_shards", lambda *a, **k: real(*a, **{**k, "parallel": False}))
+
+    def images(root) -> list[str]:
+        return sorted(hashlib.sha256(b).hexdigest() for f in Path(root).rglob("part-*.parquet")
+                      for b in pq.read_table(f, columns=["image"]).column("image").to_pylist())
+
+    faces = {"num_identities": 2, "images_per_identity": 2, "size": 32}
+    sweep = _synthetic_shards("synthetic_faces", "fer", {"enabled": True, **faces, "seed": 3}, str(tmp_path / "s" / "x"))
+    for seed in (3, 0):
+        real("synthetic_faces", "", str(tmp_path / f"g{seed}"), parallel=False, options={**faces, "seed": seed})
+    assert images(sweep) == images(tmp_path / "g3") != images(tmp_path / "g0")

@@ -318,7 +318,9 @@ def _synthetic_shards(source: str, prefix: str, settings: dict, exp_dir: str) ->
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     out = st.join(st.dirname(exp_dir), "_shards", f"{prefix}_{key}")
     options = {k: v for k, v in settings.items() if k != "enabled"}
-    write_shards(source, "", str(out), images_per_shard=256, row_group_size=32, **options)
+    # options=, not **: the settings' `seed` is the generator's (other faces than pretraining's), not the
+    # shards' shuffle seed
+    write_shards(source, "", str(out), images_per_shard=256, row_group_size=32, options=options)
     return str(out)
 
 
