@@ -244,9 +244,11 @@ def test_a_sweep_started_before_the_objective_task_existed_still_resumes(tmp_pat
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_landmark_objective_sweep_through_ray_tune(ray_local, tmp_path):
-    """Two trials (a grid over loss_w_cluster), each a 1-epoch pretraining of a tiny ResNet-18 at 32 px
-    chained into a 1-epoch landmark evaluation on synthetic 68-point faces at 32 px. Each trial's
+    """Two trials (a grid over loss_w_cluster) at once, each a 1-epoch pretraining of a tiny ResNet-18 at 32 px
+    chained into a 1-epoch landmark evaluation on synthetic 68-point faces at 32 px (half-CPU workers, so
+    that both fit the session's 4 logical CPUs: the trials mostly wait on Ray's start-ups). Each trial's
     objective is the validation NME its landmark run recorded in its own results.json, and the sweep's
     best trial, best pipeline's backbone and MLflow run are those of the lowest."""
     from mlflow.tracking import MlflowClient
@@ -262,7 +264,9 @@ def test_landmark_objective_sweep_through_ray_tune(ray_local, tmp_path):
         "pretrain.data.synthetic={num_identities: 4, images_per_identity: 4, size: 32, seed: 0}",
         "landmarks.data.image_size=32", "landmarks.optim.epochs=1", "landmarks.optim.batch_size=8",
         "landmarks.model.deconv_channels=16", "landmarks.run.examples=0", "objective.val_fraction=0.25",
-        "synthetic_landmarks={enabled: true, num_identities: 5, images_per_identity: 4, size: 32, seed: 2}")
+        "synthetic_landmarks={enabled: true, num_identities: 5, images_per_identity: 4, size: 32, seed: 2}",
+        "max_concurrent_trials=2", "resources={cpus: 0.25, workers: 1, cpus_per_worker: 0.5, data_cpus: 0.5}",
+        "landmarks.scaling.cpus_per_worker=0.5", "landmarks.data.num_cpus=0.5")
     result = run_sweep(cfg, resume=False)
 
     exp = tmp_path / "lm"
