@@ -32,7 +32,8 @@ SLOW_S = 1.5  # between reading the champion and writing: longer than all promot
 def _model(uri: str, name: str, root) -> dict[int, float]:
     """A registered model with one ready version per metric, all comparable; {version: metric}."""
     mlc = client(uri)
-    exp = mlc.create_experiment(f"{name}-runs")
+    # artifacts under the test's folder: a sqlite store's default artifact root is ./mlruns in the cwd
+    exp = mlc.create_experiment(f"{name}-runs", artifact_location=(root / "artifacts").as_uri())
     run = mlc.create_run(exp)
     (root / "weights.txt").write_text("tensors would be here")
     mlc.log_artifact(run.info.run_id, str(root / "weights.txt"), "model")
