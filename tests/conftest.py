@@ -83,8 +83,10 @@ def s3_server():
         import boto3
 
         boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        _S3_STARTED.append(True)
         yield lambda path="": f"s3://{S3_BUCKET}/{path}".rstrip("/")
     finally:
+        _S3_STARTED.clear()
         proc.terminate()
         proc.wait(10)
 
@@ -103,6 +105,52 @@ def _mlflow_tracking_uri_stays_in_its_module():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+# ---- Disk: what a module wrote is removed when it ends --------------------------------------------
+# CI's disk is finite (a run once filled it): a passing test's tmp_path goes at its end
+# (pyproject's tmp_path_retention_policy), and here, when a module ends with no failure, the
+# folders its module fixtures made with tmp_path_factory and the objects it left in the test S3
+# bucket (moto spools every object over 5 MB to an unlinked file in /tmp until the server stops).
+_S3_STARTED: list[bool] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_leaves_no_files(request, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp()
+    before, failed = set(root.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed != failed:
+        return  # kept for reading
+    import shutil
+
+    for path in set(root.iterdir()) - before:
+        shutil.rmtree(path, ignore_errors=True)
+    if _S3_STARTED:
+        import boto3
+
+        bucket = boto3.resource("s3").Bucket(S3_BUCKET)
+        bucket.objects.all().delete()
+
+
+SYSTEM_TEMPDIR = __import__("tempfile").gettempdir()
+
+
+@pytest.fixture
+def private_tempdir(tmp_path, monkeypatch):
+    """``tempfile``'s folder for this test (in-process code only); returns it."""
+    import tempfile
+
+    d = tmp_path / "tempdir"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def bytes_under(path) -> int:
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 # ---- MLflow: a new sqlite database starts from a migrated template ---------------------------------
@@ -140,7 +188,8 @@ def mlflow_db_template() -> str:
 
             import sqlalchemy
 
-            path = os.path.join(tempfile.mkdtemp(prefix="fra-mlflow-template-"), "mlflow.db")
+            # the system's temp folder even while a test patches tempfile's (private_tempdir)
+            path = os.path.join(tempfile.mkdtemp(prefix="fra-mlflow-template-", dir=SYSTEM_TEMPDIR), "mlflow.db")
             engine = sqlalchemy.create_engine(f"sqlite:///{path}")
             try:
                 state["original"](engine)

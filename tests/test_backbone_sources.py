@@ -19,6 +19,7 @@ from fra.evaluation.worker import build_classifier
 from fra.models import build_model
 from fra.train.checkpointing import export_backbone, save_checkpoint
 from fra.engine import TrainState
+from tests.conftest import bytes_under
 
 CFG = ModelConfig(backbone="resnet18", hidden_dim=32, num_proto=4)
 
@@ -168,9 +169,9 @@ def test_wrong_architecture_fails_clearly(tmp_path, reference):
 
 
 @pytest.mark.slow
-def test_mlflow_model_alias_and_run_artifact(mlflow_sources, reference):
+def test_mlflow_model_alias_and_run_artifact(mlflow_sources, reference, private_tempdir):
     """The run artifact is fra's backbone.pt; the alias is a pickled model (no backbone.pt), which
-    loads only on the explicit trust_pickle opt-in."""
+    loads only on the explicit trust_pickle opt-in. The downloads are not left in /tmp."""
     uri, alias, artifact = mlflow_sources
     with pytest.raises(CheckpointError, match="no backbone.pt.*refuses.*trust_pickle"):
         resolve_backbone(alias, tracking_uri=uri)
@@ -180,6 +181,7 @@ def test_mlflow_model_alias_and_run_artifact(mlflow_sources, reference):
         assert ("UNPICKLED" in src.detail) is trust
     with pytest.raises(CheckpointError, match="cannot fetch from MLflow"):
         resolve_backbone("models:/no-such-model@champion", tracking_uri=uri)
+    assert bytes_under(private_tempdir) < 2**20  # each download held a 45 MB ResNet-18
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import torch
 
 from fra.config import load_config
 from fra.evaluation.fer import FERConfig, evaluate_fer
+from tests.conftest import bytes_under
 from tests.data_layouts import CORRUPT, face_jpeg, face_rgb
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,9 +79,9 @@ def fer2013_shards(tmp_path_factory):
 
 
 @pytest.mark.ray
-def test_rafdb_layout_end_to_end_cli(ray_local, rafdb_shards, tmp_path, capsys):
+def test_rafdb_layout_end_to_end_cli(ray_local, rafdb_shards, tmp_path, capsys, private_tempdir):
     """`fra evaluate fer`: fine-tune in Train's local mode with a validation carve, class-balanced
-    sampling, a checkpoint per epoch and MLflow tracking."""
+    sampling, a checkpoint per epoch (none left behind in /tmp) and MLflow tracking."""
     import mlflow
     import yaml
 
@@ -94,6 +95,7 @@ def test_rafdb_layout_end_to_end_cli(ray_local, rafdb_shards, tmp_path, capsys):
             "run.checkpoint_every=1"]
     assert main(["evaluate", "fer", str(config), "--name", "rafdb"] + [a for s in sets for a in ("--set", s)]) == 0
     assert "top-1 last" in capsys.readouterr().out
+    assert bytes_under(private_tempdir) < 2**20  # a checkpoint's state.pt is ~130 MB
     run_dir = tmp_path / "rafdb"
     out = json.loads((run_dir / "results.json").read_text())
     # label file value 1 = Surprise ... 7 = Neutral, through shards, Ray Data and the loop

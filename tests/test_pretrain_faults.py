@@ -19,6 +19,7 @@ checkpoint file.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -54,19 +55,26 @@ def cluster():
     ray.shutdown()
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)
-    c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
-    c.add_node(**NODE)
-    ray.init(address=c.address, log_to_driver=False, configure_logging=False)
-    c.wait_for_nodes()
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # StateLog, for the Train controller
-    yield c
-    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    ray.shutdown()
-    c.shutdown()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    if had_local:  # hand the session its local Ray back
-        ray.init(address="local", **LOCAL_RAY)
+    c = None
+    try:  # whatever fails here, later modules get their environment (no FRA_SHARED_FILESYSTEM) and Ray back
+        c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+        c.add_node(**NODE)
+        ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+        c.wait_for_nodes()
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # StateLog, for the Train controller
+        yield c
+    finally:
+        with contextlib.suppress(ValueError):  # not registered when the set-up failed first
+            ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        try:
+            ray.shutdown()
+            if c is not None:
+                c.shutdown()
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if had_local:  # hand the session its local Ray back
+                ray.init(address="local", **LOCAL_RAY)
 
 
 @pytest.fixture

@@ -164,11 +164,20 @@ def _from_mlflow(uri: str, arch: str, tracking_uri: str, trust_pickle: bool = Fa
 
         with _fluent_uri(tracking_uri):
             return _from_mlflow(uri, arch, "", trust_pickle)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except (MlflowException, OSError) as exc:
-        raise CheckpointError(f"backbone source {uri}: cannot fetch from MLflow at "
-                              f"{mlflow.get_tracking_uri()}: {str(exc).splitlines()[0]}") from exc
+    import tempfile
+
+    # the download is read here and then removed (MLflow's own default is a temp folder it never deletes)
+    with tempfile.TemporaryDirectory(prefix="fra-backbone-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except (MlflowException, OSError) as exc:
+            raise CheckpointError(f"backbone source {uri}: cannot fetch from MLflow at "
+                                  f"{mlflow.get_tracking_uri()}: {str(exc).splitlines()[0]}") from exc
+        return _from_download(uri, local, arch, trust_pickle)
+
+
+def _from_download(uri: str, local: Path, arch: str, trust_pickle: bool) -> BackboneSource:
+    """The backbone in ``local``, a downloaded copy of the MLflow URI ``uri``."""
     files = [local] if local.is_file() else sorted(local.rglob("*"))
     weights = next((f for f in files if f.name == "backbone.pt"), None)
     if weights is None and local.is_file():
@@ -176,7 +185,8 @@ def _from_mlflow(uri: str, arch: str, tracking_uri: str, trust_pickle: bool = Fa
     if weights is not None:
         out = _finish(uri, "mlflow", safe_load(weights), arch, where=f"{uri} ({weights.name})")
     else:
-        module = load_pickled_model(uri, trust_pickle, "backbone.trust_pickle: true (fra evaluate fer --trust-pickle)")
+        module = load_pickled_model(uri, trust_pickle, "backbone.trust_pickle: true (fra evaluate fer --trust-pickle)",
+                                    load_from=str(local))
         out = _finish(uri, "mlflow", module.state_dict(), arch)
         out.detail = f"UNPICKLED with trust_pickle (no backbone.pt); {out.detail}"
     cards = [f for f in files if f.name == "model_card.json"]

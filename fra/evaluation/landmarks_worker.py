@@ -21,7 +21,7 @@ from torch import nn
 from fra import dist
 from fra.engine import Normalizer, autocast_context
 from fra.evaluation.landmark_metrics import is_evaluated_epoch, landmark_report, nme_per_image, normalizing_distance
-from fra.evaluation.worker import backward_step, end_epoch, resume_state, save_state, start_worker
+from fra.evaluation.worker import backward_step, end_epoch, report_epoch, resume_state, save_state, start_worker
 from fra.losses.landmarks import LandmarkLoss, decode
 from fra.models.landmarks import LandmarkNet, to_pixels, to_unit
 
@@ -212,7 +212,7 @@ def landmark_train_loop(config: dict) -> dict:
         ckpt = None
         if spec.checkpoint_every and (epoch + 1) % spec.checkpoint_every == 0:
             ckpt = save_state(model, optimizer, epoch + 1, hist, rank)
-        ray.train.report(metrics, checkpoint=ckpt)
+        report_epoch(metrics, ckpt)
         _maybe_kill(config.get("inject") or {}, epoch + 1, rank)
 
     result = fit(model, spec, batches("train"), batches("test"), batches("val") if spec.has_val else None,

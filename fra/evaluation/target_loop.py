@@ -27,8 +27,8 @@ from fra.engine import Normalizer, autocast_context
 from fra.evaluation.backbones import state_dict_fingerprint
 from fra.evaluation.metrics import is_evaluated_epoch
 from fra.evaluation.target_metrics import affect_stats, attribute_stats
-from fra.evaluation.worker import (LoopSpec, backward_step, end_epoch, make_optimizer, resume_state, save_state, set_lr,
-                                  start_worker, trunk_state)
+from fra.evaluation.worker import (LoopSpec, backward_step, end_epoch, make_optimizer, report_epoch, resume_state,
+                                   save_state, set_lr, start_worker, trunk_state)
 from fra.models.heads import AttributeMLP, ccc_loss
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def target_train_loop(config: dict) -> dict:
         ckpt = None
         if spec.checkpoint_every and (epoch + 1) % spec.checkpoint_every == 0:
             ckpt = save_state(model, optimizer, epoch + 1, hist, rank)
-        ray.train.report(metrics, checkpoint=ckpt)
+        report_epoch(metrics, ckpt)
 
     result = fit(model, spec, task, batches("train"), batches("test"), batches("val") if spec.has_val else None,
                  device=ray.train.torch.get_device(), start_epoch=start_epoch, history=history, optimizer=optimizer,

@@ -302,6 +302,21 @@ def save_state(model: nn.Module, optimizer, epoch: int, history: list, rank: int
     return Checkpoint.from_directory(tmp)
 
 
+def report_epoch(metrics: dict, checkpoint) -> None:
+    """``ray.train.report`` an epoch, then remove the checkpoint's local folder: a synchronous report
+    has copied it to storage, and Train's local mode (``num_workers: 0``) only keeps the object,
+    which nothing resumes from. Without this every epoch left its ~130 MB ``state.pt`` in /tmp."""
+    import shutil
+
+    import ray.train
+
+    try:
+        ray.train.report(metrics, checkpoint=checkpoint)
+    finally:
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
 def resume_state(checkpoint, model: nn.Module, optimizer) -> tuple[int, list]:
     """Restore model/optimizer from a Ray checkpoint; returns (start epoch, history)."""
     if checkpoint is None:
@@ -372,7 +387,7 @@ def fer_train_loop(config: dict) -> dict:
         ckpt = None
         if spec.checkpoint_every and (epoch + 1) % spec.checkpoint_every == 0:
             ckpt = save_state(model, optimizer, epoch + 1, hist, rank)
-        ray.train.report(metrics, checkpoint=ckpt)
+        report_epoch(metrics, ckpt)
         if rank == 0:
             report_progress("evaluate", int(entry.get("epoch", epoch + 1)), spec.epochs, "epoch",
                             loss=metrics.get("train_loss", float("nan")), top1=metrics.get("test_top1", float("nan")),
