@@ -17,6 +17,20 @@ LOCAL_RAY = {"num_cpus": 4, "include_dashboard": True, "object_store_memory": 40
              "log_to_driver": False, "configure_logging": False}
 
 
+def init_local_ray() -> None:
+    """``ray.init`` of the session's local Ray as fra's ``init_ray`` starts one: the processes it
+    starts get ``RAY_API_SERVER_ADDRESS`` (this Ray's dashboard), so the State API (Tune's early-stop
+    probe, Ray Train's placement-group cleaner) never looks the cluster up on the machine, where it
+    found the GCS of a Ray that had just been shut down and timed out after 30 s."""
+    import ray
+
+    from fra.ray_runtime import API_SERVER_ENV, _environ, _free_port
+
+    port = _free_port()
+    with _environ({API_SERVER_ENV: f"http://127.0.0.1:{port}"}):
+        ray.init(address="local", dashboard_port=port, **LOCAL_RAY)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", "1048576")
@@ -26,7 +40,7 @@ def ray_local():
 
     started = False
     if not ray.is_initialized():
-        ray.init(address="local", **LOCAL_RAY)
+        init_local_ray()
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -24,7 +24,7 @@ import pytest
 
 from fra import storage as st
 from tests.cluster import RayCluster, job_workdir, private_tmp_supported
-from tests.conftest import LOCAL_RAY, S3_ENV
+from tests.conftest import S3_ENV, init_local_ray
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -54,7 +54,7 @@ def cluster(s3_server, tmp_path_factory):
         server.stop()
         assert rc.processes() == [], "cluster processes left behind"
         if had_local:
-            ray.init(address="local", **LOCAL_RAY)
+            init_local_ray()
 
 
 def _submit(rc, workdir, pipeline: str, name: str, *sets: str, timeout_s: float = 900.0) -> str:

@@ -31,7 +31,7 @@ import ray.cloudpickle
 import torch
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from tests.conftest import LOCAL_RAY
+from tests.conftest import init_local_ray
 from tests.test_pretrain_ray import assert_restored_exactly, registered_checkpoints, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -74,7 +74,7 @@ def cluster():
             for k, v in saved.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
             if had_local:  # hand the session its local Ray back
-                ray.init(address="local", **LOCAL_RAY)
+                init_local_ray()
 
 
 @pytest.fixture
