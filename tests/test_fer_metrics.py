@@ -197,7 +197,8 @@ def test_cli_print_config_and_clean_error(tmp_path, capsys):
     assert main(["evaluate", "fer", config, "--print-config", "--set", "optim.lr=2"]) == 0
     printed = capsys.readouterr().out
     assert "protocol: linear" in printed and "optimizer: sgd" in printed and "lr: 2.0" in printed
-    missing = ["evaluate", "fer", str(PIPELINES / "fer_synthetic.yaml"), "--set", f"data.shards={tmp_path}/none"]
+    missing = ["evaluate", "fer", str(PIPELINES / "fer_synthetic.yaml"), "--set", f"data.shards={tmp_path}/none",
+               "--set", f"run.storage_path={tmp_path}/runs"]  # its log file, not in the checkout's runs/
     assert main(missing) == 1
     assert "no shard manifest" in capsys.readouterr().err
 
