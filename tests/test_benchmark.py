@@ -215,11 +215,27 @@ def test_resume_per_part_runs_only_new_or_changed_parts(tmp_path, monkeypatch):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_micro_benchmark_end_to_end_and_resume(ray_local, tmp_path, capsys):
-    cfg = load_benchmark(_write(tmp_path, MICRO))
-    rows = run_benchmark(cfg)
+def test_micro_benchmark_end_to_end_and_resume(ray_local, tmp_path, capsys, monkeypatch):
+    """`fra run` of a benchmark: every cell and the table; the console stays quiet (Ray Data's
+    plans and progress lines go to the run's log file, as for a pipeline); a re-run skips every cell."""
+    from fra.cli.main import main
+
+    # the session's Ray prints no plans (conftest); a user's does, from this process (local-mode evaluations)
+    monkeypatch.setattr(ray_local.data.DataContext.get_current(), "print_on_execution_start", True)
+    path = _write(tmp_path, MICRO)
+    cfg = load_benchmark(path)
+    assert main(["run", str(path)]) == 0
+    console_out = capsys.readouterr()
     out = Path(cfg.storage_path)
     results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    shown = console_out.out + console_out.err
+    assert shown.startswith("log: ") and "fra -v shows it here too" in shown
+    logs = list((out / "logs").glob("benchmark-micro-*.log"))
+    assert len(logs) == 1
+    for ray_line in ("Execution plan of Dataset", "streaming_executor", "TrainingReport("):
+        assert ray_line not in shown, ray_line
+    assert "Execution plan of Dataset" in logs[0].read_text()
     assert set(results["cells"]) == {"random init/s0", "random init/s1", "FRA/s0", "FRA/s1"}
     for name in ("random init", "FRA"):
         stat = rows[name]["linear"]["top1_mean_last5"]

@@ -87,6 +87,15 @@ def heatmap_location(uri: str, run_id: str | None) -> str:
         return f"MLflow run {run_id}, artifacts heatmaps/ ({type(exc).__name__} reading the store)"
 
 
+def _quiet(storage: str, label: str) -> None:
+    """The run's log file under ``<storage>/logs/``, and a quiet console (:mod:`fra.console`)."""
+    from fra import console
+
+    con = console.current()
+    if con is not None:
+        con.log_to(storage, label)
+
+
 def run(args: argparse.Namespace) -> int:
     from fra import console
     from fra import storage as st
@@ -104,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.restart:
             (Path(bench.storage_path) / "benchmark_state.json").unlink(missing_ok=True)
+        _quiet(bench.storage_path, f"benchmark-{bench.name}")
         run_benchmark(bench)
         return 0
     from fra.experiments.region_awareness import is_region_awareness_file
@@ -117,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.restart:
             (Path(exp.storage_path) / "state.json").unlink(missing_ok=True)
+        _quiet(exp.storage_path, f"region-{exp.name}")
         return 0 if run_region_awareness(exp)["passed"] else 1
     cfg = load_pipeline(args.pipeline, args.overrides)
     if args.dry_run:
@@ -124,9 +135,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.restart:
         st.delete(st.join(cfg.storage_path, "pipeline_state.json"))
-    con = console.current()
-    if con is not None:
-        con.log_to(cfg.storage_path, "run")
+    _quiet(cfg.storage_path, "run")
     console.echo(f"fra run {cfg.name}: {' -> '.join(cfg.stages)}  (storage {st.redact(cfg.storage_path)})")
     timings: dict = {}
     outputs = run_pipeline(cfg, echo=console.echo, timings=timings)
