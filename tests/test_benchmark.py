@@ -231,6 +231,8 @@ def test_micro_benchmark_end_to_end_and_resume(ray_local, tmp_path, capsys, monk
     rows = results["rows"]
     shown = console_out.out + console_out.err
     assert shown.startswith("log: ") and "fra -v shows it here too" in shown
+    # fra's own lines stay on the console: each cell's progress and the table
+    assert "[4/4] FRA/s1: " in shown and "| method | FER linear top-1 (%)" in shown
     logs = list((out / "logs").glob("benchmark-micro-*.log"))
     assert len(logs) == 1
     for ray_line in ("Execution plan of Dataset", "streaming_executor", "TrainingReport("):

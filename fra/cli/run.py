@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         if args.restart:
             (Path(bench.storage_path) / "benchmark_state.json").unlink(missing_ok=True)
         _quiet(bench.storage_path, f"benchmark-{bench.name}")
-        run_benchmark(bench)
+        run_benchmark(bench, echo=console.echo)
         return 0
     from fra.experiments.region_awareness import is_region_awareness_file
 
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         if args.restart:
             (Path(exp.storage_path) / "state.json").unlink(missing_ok=True)
         _quiet(exp.storage_path, f"region-{exp.name}")
-        return 0 if run_region_awareness(exp)["passed"] else 1
+        return 0 if run_region_awareness(exp, echo=console.echo)["passed"] else 1
     cfg = load_pipeline(args.pipeline, args.overrides)
     if args.dry_run:
         print(f"pipeline {cfg.name} is valid: stages {cfg.stages}")
