@@ -8,6 +8,7 @@ Tests that use it are marked ``@pytest.mark.ray``.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -147,14 +148,12 @@ def _module_leaves_no_files(request, tmp_path_factory):
         bucket.objects.all().delete()
 
 
-SYSTEM_TEMPDIR = __import__("tempfile").gettempdir()
+SYSTEM_TEMPDIR = tempfile.gettempdir()
 
 
 @pytest.fixture
 def private_tempdir(tmp_path, monkeypatch):
     """``tempfile``'s folder for this test (in-process code only); returns it."""
-    import tempfile
-
     d = tmp_path / "tempdir"
     d.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(d))
@@ -198,8 +197,6 @@ def mlflow_db_template() -> str:
     state = _template_state()
     with state["lock"]:
         if "path" not in state:
-            import tempfile
-
             import sqlalchemy
 
             # the system's temp folder even while a test patches tempfile's (private_tempdir)
