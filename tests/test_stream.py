@@ -201,3 +201,29 @@ def test_real_faces_on_the_real_decode_path(ray_local, tmp_path):
     v1, v2 = TwoViewTransform(64)(decoded, np.random.default_rng([3, 0, 1, key]))
     assert np.array_equal(rows[key][1], v1.transpose(2, 0, 1)) and np.array_equal(rows[key][2], v2.transpose(2, 0, 1))
     assert len(rows) == 13
+
+
+def test_datasets_carry_the_idle_back_off_and_it_reads_ray_s_real_executor(ray_local, raf_shards, monkeypatch):
+    import ray
+
+    from fra.data import executor_backoff
+    from fra.data.executor_backoff import IdleBackoff
+
+    expected, manifest = raf_shards
+    before = list(ray.data.DataContext.get_current().custom_execution_callback_classes)
+    ds = fer_dataset(manifest.uri, image_size=24, split="train", train=True, batch_size=4)
+    # the dataset's snapshot has it (and so the split coordinator of a Ray Train job); the
+    # process-wide context is left as it was
+    assert IdleBackoff in ds.context.custom_execution_callback_classes
+    assert ray.data.DataContext.get_current().custom_execution_callback_classes == before
+    assert IdleBackoff in pretrain_dataset(manifest.uri, image_size=24).context.custom_execution_callback_classes
+    # On Ray 2.60's executor the fingerprint exists (None would silently disable the back-off)
+    # and moves as the execution progresses.
+    # (A Dataset iterated in the driver runs its executor on a driver thread, so the callback's
+    # calls of the module function can be recorded here.)
+    seen, fingerprint = [], executor_backoff.progress_fingerprint
+    monkeypatch.setattr(executor_backoff, "progress_fingerprint", lambda ex: seen.append(fingerprint(ex)) or seen[-1])
+    rows = sum(len(b["label"]) for b in iter_batches(ds, 4, drop_last=False))
+    assert rows == len(expected.good["train"])
+    assert seen and None not in seen
+    assert len(set(seen)) > 2

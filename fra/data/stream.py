@@ -275,8 +275,14 @@ def _read(manifest: Manifest, split: str, columns: list[str], shuffle_seed: int 
     shuffle = None
     if shuffle_seed is not None:
         shuffle = ray.data.FileShuffleConfig(seed=int(shuffle_seed), reseed_after_execution=True)
+    from fra.data.executor_backoff import IdleBackoff
+
     ctx = ray.data.DataContext.get_current()
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    callbacks = ctx.custom_execution_callback_classes
+    # The dataset snapshots the context here; a new list, so restoring ours leaves the snapshot's.
+    # IdleBackoff stops the executor's scheduling loop from spinning while the trainer is behind.
+    ctx.custom_execution_callback_classes = [*callbacks, *([] if IdleBackoff in callbacks else [IdleBackoff])]
     try:
         # NOTE: Ray 2.60's default Parquet datasource (V2) starts a pool of 32 FooterReader actors
         # (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, read in the worker environment) on *every*
@@ -286,6 +292,7 @@ def _read(manifest: Manifest, split: str, columns: list[str], shuffle_seed: int 
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, partitioning=None, columns=columns)
     finally:
         ctx.use_datasource_v2 = v2
+        ctx.custom_execution_callback_classes = callbacks
     if shuffle_rows and shuffle_seed is not None:
         ds = ds.map_batches(_permute_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"seed": int(shuffle_seed)})
     return ds
