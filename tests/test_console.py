@@ -12,12 +12,14 @@ import json
 import logging
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fra import console
 
@@ -211,25 +213,47 @@ def test_summary_table_aligns_columns():
 
 
 # ---- end to end --------------------------------------------------------------------------------
-TINY = ["pretrain.optim.epochs=1", "pretrain.data.synthetic.num_identities=8", "pretrain.run.checkpoint_every=0",
-        "pretrain.run.log_every=2", "evaluate.optim.epochs=1", "evaluate.optim.warmup_epochs=0",
-        "evaluate.run.last_k=1"]
+# One run of the demo pipeline's CLI serves the console test and the secrets test (one demo run
+# fewer in the suite): a child process as `make demo` runs it, its own local Ray with log forwarding
+# (``ray.address=local`` so that it never joins the test session's Ray), a tiny override, and a
+# canary secret in its environment and in URIs of its config (recorded, never opened: synthetic
+# data ignores shard roots), as a user's unused or mistaken setting would be.
+def _tiny_demo(path: Path, storage: Path, canary_uri: str) -> Path:
+    pipe = yaml.safe_load((ROOT / "pipelines" / "demo.yaml").read_text())
+    pipe["storage_path"] = str(storage)
+    pipe["ray"] = {**(pipe.get("ray") or {}), "address": "local"}
+    pipe["shards"][0]["root"] = canary_uri
+    pipe["shards"][0]["options"].update(num_identities=20)
+    pre, ev = pipe["pretrain"], pipe["evaluate"]
+    pre["data"]["shards"] = canary_uri
+    pre["data"]["synthetic"].update(num_identities=8)
+    pre["optim"].update(epochs=1, warmup_epochs=0)
+    pre["run"].update(checkpoint_every=2, max_steps=3, log_every=2)
+    ev["optim"].update(epochs=1, warmup_epochs=0)
+    ev["run"].update(last_k=1)
+    path.write_text(yaml.safe_dump(pipe))
+    return path
 
 
-def _fra_run(storage: Path) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "fra.cli.main", "run", str(ROOT / "pipelines" / "demo.yaml"),
-            "--set", f"storage_path={storage}", "--set", "ray.address=local"]
-    for o in TINY:
-        argv += ["--set", o]
+@pytest.fixture(scope="module")
+def demo_cli(tmp_path_factory):
+    """(completed process, storage folder, canaries) of the demo pipeline's CLI run."""
+    tmp = tmp_path_factory.mktemp("demo_cli")
+    env_secret = f"fra-canary-env-{secrets.token_hex(6)}"
+    uri_secret, key_id = f"fra-canary-uri-{secrets.token_hex(6)}", f"AKIDCANARY{secrets.token_hex(4).upper()}"
+    storage = tmp / "storage"
+    pipeline = _tiny_demo(tmp / "demo.yaml", storage, f"s3://{key_id}:{uri_secret}@bucket/{env_secret}/x")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return subprocess.run(argv, capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=600,
-                          cwd=ROOT)
+    env.update(PYTHONPATH=str(ROOT), AWS_SECRET_ACCESS_KEY=env_secret)
+    run = subprocess.run([sys.executable, "-m", "fra.cli.main", "run", str(pipeline)], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=ROOT)
+    return run, storage, [uri_secret.encode(), key_id.encode(), env_secret.encode()]
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_demo_cli_console_is_quiet_shows_progress_and_summary_and_the_log_has_the_rest(tmp_path):
-    run = _fra_run(tmp_path / "quiet")
+def test_demo_cli_console_is_quiet_shows_progress_and_summary_and_the_log_has_the_rest(demo_cli):
+    run = demo_cli[0]
     console_text = run.stdout + run.stderr
     assert run.returncode == 0, console_text
     lines = console_text.splitlines()
@@ -252,3 +276,33 @@ def test_demo_cli_console_is_quiet_shows_progress_and_summary_and_the_log_has_th
     assert re.search(r"fra: step 2/\d+ epoch 1", logged) and "INFO fra.train.ray_trainer: pretraining demo-pretrain" in logged
     # root cause, not display: Ray Train's placement-group cleaner reached the State API every time
     assert "Failed to query Ray Train Controller actor state" not in logged
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_pipeline_writes_no_secret(demo_cli):
+    """The canaries are in no file under the storage folder (MLflow's database and artifacts, the
+    run's log file with Ray's and the workers' lines, checkpoints unzipped), no MLflow param, tag or
+    metric name, and not on the console; the configs were recorded, redacted."""
+    from fra.redaction import MASK
+    from tests.test_secrets import _found_in, _mlflow_strings
+
+    run, storage, canaries = demo_cli
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "promotion: promoted" in run.stdout
+    files = [f for f in storage.rglob("*") if f.is_file()]
+    assert any(f.name == "checkpoint.pt" for f in files) and any(f.name == "model_card.json" for f in files)
+    assert any(f.name == "results.json" for f in files) and (storage / "mlartifacts").is_dir()
+    assert any(f.suffix == ".log" and f.parent.name == "logs" for f in files)
+    leaks = {str(f.relative_to(storage)): hits for f in files if (hits := _found_in(f.read_bytes(), canaries))}
+    assert not leaks
+    # The configs were recorded (redacted), so the test looked where the canary would have been.
+    manifest = json.loads((storage / "shards" / "fer_faces" / "manifest.json").read_text())
+    assert manifest["source_root"] == f"s3://***@bucket/{MASK}/x"
+    recorded = next(storage.rglob("final/config.yaml"))
+    assert yaml.safe_load(recorded.read_text())["data"]["shards"] == f"s3://***@bucket/{MASK}/x"
+
+    shown = _mlflow_strings(f"sqlite:///{storage}/mlflow.db")
+    assert "s3://***@bucket/***/x" in shown  # pretrain's data.shards param
+    assert not [s for s in shown if any(c.decode() in s for c in canaries)]
+    assert not [c for c in canaries if c.decode() in run.stdout + run.stderr]

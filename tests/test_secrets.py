@@ -1,20 +1,18 @@
 """Secrets never leave the process (fra.redaction): URI credentials, secret-named keys and the
-environment's secret values are redacted in files, MLflow and log lines; the demo pipeline run with
-a canary secret in its environment and in a URI of its config writes the canary nowhere."""
+environment's secret values are redacted in files, MLflow and log lines. The demo pipeline run with
+a canary secret in its environment and in a URI of its config, which writes the canary nowhere, is
+``tests/test_console.py::test_demo_pipeline_writes_no_secret`` (it shares the console test's run)."""
 from __future__ import annotations
 
 import json
 import logging
 import secrets
 import zipfile
-from pathlib import Path
 
 import pytest
 import yaml
 
 from fra.redaction import MASK, redact, redact_text
-
-PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
 @pytest.fixture
@@ -174,53 +172,6 @@ def _mlflow_strings(uri: str) -> list[str]:
         for mv in client.search_model_versions(f"name = '{model.name}'"):
             out += [mv.description or "", mv.source or "", *mv.tags.keys(), *mv.tags.values()]
     return out
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_demo_pipeline_writes_no_secret(ray_local, tmp_path, env_secret, capsys, caplog):
-    from fra.cli.main import main
-
-    caplog.set_level(logging.INFO)
-    uri_secret = f"fra-canary-uri-{secrets.token_hex(6)}"
-    key_id = f"AKIDCANARY{secrets.token_hex(4).upper()}"
-    # A URI with keys and the environment's secret in it: recorded with the configs, never opened
-    # (synthetic data ignores shards roots), as a user's unused or mistaken setting would be.
-    canary_uri = f"s3://{key_id}:{uri_secret}@bucket/{env_secret}/x"
-    pipe = yaml.safe_load((PIPELINES / "demo.yaml").read_text())
-    storage = tmp_path / "storage"
-    pipe["storage_path"] = str(storage)
-    pipe["shards"][0]["root"] = canary_uri
-    pipe["shards"][0]["options"].update(num_identities=20)
-    pipe["pretrain"]["data"]["shards"] = canary_uri
-    pipe["pretrain"]["data"]["synthetic"].update(num_identities=6)
-    pipe["pretrain"]["optim"].update(epochs=1, warmup_epochs=0)
-    pipe["pretrain"]["run"].update(checkpoint_every=2, max_steps=3)
-    pipe["evaluate"]["optim"].update(epochs=1, warmup_epochs=0)
-    pipe["evaluate"]["run"].update(last_k=1)
-    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(pipe))
-
-    assert main(["run", str(tmp_path / "demo.yaml")]) == 0
-    out = capsys.readouterr()
-    assert "promotion: promoted" in out.out
-
-    canaries = [uri_secret.encode(), key_id.encode(), env_secret.encode()]
-    files = [f for f in storage.rglob("*") if f.is_file()]
-    assert any(f.name == "checkpoint.pt" for f in files) and any(f.name == "model_card.json" for f in files)
-    assert any(f.name == "results.json" for f in files) and (storage / "mlartifacts").is_dir()
-    leaks = {str(f.relative_to(storage)): hits for f in files if (hits := _found_in(f.read_bytes(), canaries))}
-    assert not leaks
-    # The configs were recorded (redacted), so the test looked where the canary would have been.
-    manifest = json.loads((storage / "shards" / "fer_faces" / "manifest.json").read_text())
-    assert manifest["source_root"] == f"s3://***@bucket/{MASK}/x"
-    recorded = next(storage.rglob("final/config.yaml"))
-    assert yaml.safe_load(recorded.read_text())["data"]["shards"] == f"s3://***@bucket/{MASK}/x"
-
-    shown = _mlflow_strings(f"sqlite:///{storage}/mlflow.db")
-    assert "s3://***@bucket/***/x" in shown  # pretrain's data.shards param
-    assert not [s for s in shown if any(c.decode() in s for c in canaries)]
-    console = out.out + out.err + caplog.text
-    assert not [c for c in canaries if c.decode() in console]
 
 
 @pytest.mark.slow
