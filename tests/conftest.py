@@ -13,6 +13,13 @@ import tempfile
 import pytest
 
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default),
+# and a worker's ``ray.train.report`` goes into a queue of one that only a poll empties: a second report
+# before the next poll waits for it, and a run's end is seen at the next poll. Runs of real size report
+# minutes apart; the tests' tiny epochs report every few seconds. Set before any Ray starts, so the
+# processes the tests start inherit it (the session's Ray, CLI children, the cluster tests' `ray start`).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 # The session's local Ray; tests that replace it with their own cluster restart it with these.
 LOCAL_RAY = {"num_cpus": 4, "include_dashboard": True, "object_store_memory": 400 * 1024 * 1024,
              "log_to_driver": False, "configure_logging": False}
