@@ -186,6 +186,26 @@ def check_tracking_uri(uri: str) -> None:
                       "tracking.mlflow_uri) to the cluster's MLflow server, e.g. http://<head>:5000")
 
 
+# ---- the Train workers' process environment --------------------------------------------------
+MALLOC_ARENA_ENV = "MALLOC_ARENA_MAX"
+
+
+def train_worker_runtime_env() -> dict:
+    """The ``worker_runtime_env`` of fra's Ray Train jobs: glibc's malloc limited to one arena.
+
+    Ray Train runs the training loop on a thread of the worker process, not on its main thread, and
+    glibc gives such a thread its own malloc arena. That arena's heaps are handed back to the kernel
+    when a step's activations are freed and faulted in again by the next step: a ResNet-50 FER
+    worker took 51 k minor page faults per image against 25 k for the same loop on a main thread,
+    and 2.5x the kernel time (benchmarks/RESULTS.md, FER at RAF-DB's size). One arena (the main
+    one, which trims only above its trim threshold) brings the faults back to the main-thread
+    level. glibc reads the variable when the process starts, so it must be in the environment Ray
+    starts the worker with, which a runtime env's ``env_vars`` are. A ``MALLOC_ARENA_MAX`` set in
+    the driver's environment is passed on instead of ``1``.
+    """
+    return {"env_vars": {MALLOC_ARENA_ENV: os.environ.get(MALLOC_ARENA_ENV) or "1"}}
+
+
 # ---- which copy of fra is running ------------------------------------------------------------
 def code_origin() -> dict:
     """Where this process's fra comes from: ``{"path", "fingerprint"}``.

@@ -25,7 +25,7 @@ def fit_evaluation(loop: Callable[[dict], dict], loop_config: dict, backbone_sd:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fra.evaluation.data import eval_data_config
-    from fra.ray_runtime import code_origin, init_ray
+    from fra.ray_runtime import code_origin, init_ray, train_worker_runtime_env
 
     init_ray()
     workers = scaling.num_workers
@@ -35,7 +35,8 @@ def fit_evaluation(loop: Callable[[dict], dict], loop_config: dict, backbone_sd:
         torch_config=TorchConfig(backend=None if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu and workers > 0,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker} if workers else None),
-        run_config=RunConfig(name=run_id, storage_path=storage, failure_config=FailureConfig(max_failures=scaling.max_failures)),
+        run_config=RunConfig(name=run_id, storage_path=storage, failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             worker_runtime_env=train_worker_runtime_env()),
         datasets=datasets, dataset_config=eval_data_config())
     result = trainer.fit()
     if not isinstance(result.return_value, dict) or "history" not in result.return_value:

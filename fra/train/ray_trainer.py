@@ -273,7 +273,8 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
     from fra.train.worker import train_loop_per_worker
 
     from fra import storage as st
-    from fra.ray_runtime import check_shared_location, check_tracking_uri, code_origin, init_ray
+    from fra.ray_runtime import (check_shared_location, check_tracking_uri, code_origin, init_ray,
+                                 train_worker_runtime_env)
 
     check_config(cfg)
     lo, hi = worker_range(cfg)
@@ -317,7 +318,7 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
         scaling_config=ScalingConfig(num_workers=(lo, hi) if lo < hi else lo, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources_per_worker(cfg),
                                      placement_strategy=placement_strategy),
-        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage, worker_runtime_env=train_worker_runtime_env(),
                              checkpoint_config=checkpoint_config(cfg),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              callbacks=[PlacementTimeout(timeout, f"{lo} worker(s) x {resources_per_worker(cfg)}"),
