@@ -24,7 +24,7 @@ import pytest
 
 from fra import storage as st
 from tests.cluster import RayCluster, job_workdir, private_tmp_supported
-from tests.conftest import S3_ENV, init_local_ray
+from tests.conftest import S3_ENV, init_local_ray, shutdown_ray
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -38,7 +38,7 @@ def cluster(s3_server, tmp_path_factory):
 
     had_local = ray.is_initialized()
     if had_local:  # never two Ray runtimes at once (the State API refuses a machine with two)
-        ray.shutdown()
+        shutdown_ray()
     root = tmp_path_factory.mktemp("cluster")
     server = MlflowServer(f"sqlite:///{root}/mlflow.db", s3_server("cluster/mlflow-artifacts"),
                           log_path=root / "mlflow.log").start()

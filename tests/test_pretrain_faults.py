@@ -31,7 +31,7 @@ import ray.cloudpickle
 import torch
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from tests.conftest import init_local_ray
+from tests.conftest import init_local_ray, shutdown_ray
 from tests.test_pretrain_ray import assert_restored_exactly, registered_checkpoints, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -52,7 +52,7 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     had_local = ray.is_initialized()
-    ray.shutdown()
+    shutdown_ray()
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)
     c = None
