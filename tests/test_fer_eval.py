@@ -141,6 +141,7 @@ def test_corrupt_images_met_while_streaming_are_counted_in_results_and_mlflow(ra
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # two Ray Train jobs (~40 s): kept out of `make test-fast`
 def test_fer2013_two_workers_equal_one_worker(ray_local, fer2013_shards, tmp_path):
     """Linear probe, full batch: DDP over 2 workers must reproduce 1 worker (same rows, same
     per-row augmentation draws); the sharded test set is scored exactly once; backbone untouched."""
