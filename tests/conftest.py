@@ -7,7 +7,9 @@ Tests that use it are marked ``@pytest.mark.ray``.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -221,7 +223,9 @@ def mlflow_db_template() -> str:
             import sqlalchemy
 
             # the system's temp folder even while a test patches tempfile's (private_tempdir)
-            path = os.path.join(tempfile.mkdtemp(prefix="fra-mlflow-template-", dir=SYSTEM_TEMPDIR), "mlflow.db")
+            folder = tempfile.mkdtemp(prefix="fra-mlflow-template-", dir=SYSTEM_TEMPDIR)
+            atexit.register(shutil.rmtree, folder, True)  # each session left its 1 MB template behind
+            path = os.path.join(folder, "mlflow.db")
             engine = sqlalchemy.create_engine(f"sqlite:///{path}")
             try:
                 state["original"](engine)
