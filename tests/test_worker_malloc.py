@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import types
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,7 @@ def _arenas() -> int:
         fp = libc.fopen(f.name.encode(), b"w")
         assert libc.malloc_info(0, fp) == 0
         libc.fclose(fp)
-        return len(re.findall(r'<heap nr="\d+">', open(f.name).read()))
+        return len(re.findall(r'<heap nr="\d+">', Path(f.name).read_text()))
 
 
 def _allocate() -> None:

@@ -307,14 +307,12 @@ def remove_orphaned_checkpoint_dirs() -> list[str]:
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)
-            continue  # alive (or another user's process): keep
+            os.kill(int(pid), 0)  # alive: keep
         except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:  # alive, another user's: keep
             pass
-        except PermissionError:
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
     if removed:
         log.info("removed %d checkpoint folder(s) left by ended workers: %s", len(removed), removed[:3])
     return removed
