@@ -155,10 +155,12 @@ def _check_registered_source(cfg: PipelineConfig) -> None:
                           "from stages (e.g. --set stages=[shards,evaluate]) to only evaluate it")
 
 
-def tracking_uri(cfg: PipelineConfig) -> str:
+def tracking_uri(cfg: PipelineConfig, create: bool = False) -> str:
+    """The pipeline's MLflow URI. Only a run creates its folder (``create``): loading a pipeline
+    or reading a stage's config leaves the working directory alone."""
     from fra.tracking import resolve_tracking_uri
 
-    return resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.storage_path)
+    return resolve_tracking_uri(cfg.tracking.mlflow_uri, cfg.storage_path, create=create)
 
 
 def _with_defaults(section: dict, defaults: dict) -> dict:
@@ -269,7 +271,7 @@ def run_pipeline(cfg: PipelineConfig, echo: Callable[[str], None] = print, timin
     _ensure_ray(cfg)
     state = PipelineState(st.join(storage, "pipeline_state.json"))
     state.note_code(code_origin())
-    ctx = StageContext(storage, tracking_uri(cfg))
+    ctx = StageContext(storage, tracking_uri(cfg, create=True))
     outputs: dict[str, dict] = {}
     timings = {} if timings is None else timings
     for stage in cfg.stages:

@@ -24,20 +24,25 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
-def resolve_tracking_uri(uri: str, storage_path: str | Path) -> str:
+def resolve_tracking_uri(uri: str, storage_path: str | Path, create: bool = True) -> str:
     """The MLflow tracking URI to use.
 
     An explicit URI as is; else ``MLFLOW_TRACKING_URI`` (cluster.yaml exports the head's server
     there); else a local sqlite file ``<abs storage_path>/mlflow.db`` (``./runs/mlflow.db`` when the
     storage is a URI). A file-based store on a multi-node cluster is refused later, once Ray is up
     (:func:`fra.ray_runtime.check_tracking_uri`).
+
+    ``create``: make the sqlite file's folder (sqlite cannot create it). Callers that only read a
+    config (loading a pipeline, printing where a run logs) pass False, so that nothing appears
+    in the working directory until something is run.
     """
     if uri:
         return uri
     if os.environ.get(TRACKING_URI_ENV):
         return os.environ[TRACKING_URI_ENV]
     root = Path("runs" if "://" in str(storage_path) else storage_path).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root}/mlflow.db"
 
 

@@ -24,6 +24,24 @@ def test_shipped_pipelines_validate(name):
     assert cfg.stages and all(stage_config(cfg, s) is not None for s in cfg.stages)
 
 
+def test_loading_a_pipeline_writes_nothing_only_a_run_creates_its_folder(tmp_path, monkeypatch):
+    """Reading a pipeline and its stage configs (what `fra run` does before it starts, and what a
+    user's script may do to inspect one) leaves the working directory as it was; the default
+    sqlite store's folder (``runs/<name>``, relative to it) appears only once a run needs it."""
+    from fra.pipeline import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo.yaml", "pretrain_vggface2.yaml", "fer_rafdb.yaml", "sweep_then_promote.yaml"):
+        cfg = load_pipeline(PIPELINES / name)
+        for stage in cfg.stages:
+            stage_config(cfg, stage)
+        assert tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/runs/{cfg.name}/mlflow.db"
+    assert list(tmp_path.iterdir()) == []
+    tracking_uri(cfg, create=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["runs", f"runs/{cfg.name}"]
+
+
 @pytest.mark.parametrize("name, lr", [("pretrain_vggface2.yaml", 0.9), ("sweep_then_promote.yaml", 0.9),
                                       ("demo.yaml", 0.3)])  # demo: the exception its YAML comment explains
 def test_shipped_lars_recipes_use_the_reference_lr_unscaled(name, lr):
