@@ -19,9 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fra run pipelines/demo.yaml
 
+# Two pytest workers: one runs every module that starts Ray, the other the rest beside it
+# (tests/conftest.py, "Two processes on two cores").
+XDIST  := -n 2
+
 # Everything, the cluster-shaped end-to-end tests included (what CI runs).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15 tests
+	$(BIN)/python -m pytest -q -ra --durations=15 $(XDIST) tests
 
 # The fast set for development: no test marked slow or cluster (see pyproject.toml's markers).
 test-fast: $(STAMP)

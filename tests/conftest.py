@@ -55,6 +55,68 @@ def shutdown_ray() -> None:
     ray.shutdown()
 
 
+# ---- Two processes on two cores: the Ray tests in one, everything else beside them ------------------
+# `make test` runs pytest-xdist with two workers (``-n 2``). The modules below start Ray (a test marked
+# ``ray`` or ``cluster``, or one using ``ray_local``); the scheduler makes them one unit of work, which one
+# worker runs in collection order: one Ray runtime at a time on the machine, as the tests assume (Ray's
+# State API refuses a machine with two). A Ray Train job keeps about 1.3 of the 2 cores busy
+# (benchmarks/ray_job_overhead.py); the other worker runs the Ray-free modules beside it, one module per
+# unit so that a module's fixtures are built once. xdist's own ``--dist loadgroup`` cannot do this with
+# pytest 9.2 (it renames ``item._nodeid``, which pytest 9.2 no longer reads), hence the scheduler here.
+RAY_MODULES = frozenset(f"tests/test_{name}.py" for name in (
+    "attributes_e2e", "backbone_sources", "benchmark", "cluster_e2e", "console", "ddp_options", "fer_eval",
+    "landmarks_e2e", "pipeline", "pipeline_targets", "pretrain_export", "pretrain_faults", "pretrain_ray",
+    "s3", "shards", "stream", "swav_train", "tune_landmarks", "tune_sweep", "worker_malloc"))
+RAY_UNIT = "ray"
+
+
+def _starts_ray(item) -> bool:
+    return bool(item.get_closest_marker("ray") or item.get_closest_marker("cluster")
+                or "ray_local" in getattr(item, "fixturenames", ()))
+
+
+_OUT_OF_DATE = pytest.StashKey[str]()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, every test of a module that starts Ray but is not in ``RAY_MODULES`` (or the reverse)
+    fails before its fixtures are set up: run beside the Ray unit, it would start a second Ray."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    modules: dict[str, bool] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        modules[module] = modules.get(module, False) or _starts_ray(item)
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        if modules[module] != (module in RAY_MODULES):
+            item.stash[_OUT_OF_DATE] = (
+                f"tests/conftest.py RAY_MODULES is out of date for {module}: a module that starts Ray (a test "
+                "marked ray or cluster, or using ray_local) must be in it, and only such a module")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if _OUT_OF_DATE in item.stash:
+        pytest.fail(item.stash[_OUT_OF_DATE], pytrace=False)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayModulesInOneUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return RAY_UNIT if module in RAY_MODULES else module
+
+        def _assign_work_unit(self, node) -> None:
+            if RAY_UNIT in self.workqueue:  # the longest unit starts first
+                self.workqueue.move_to_end(RAY_UNIT, last=False)
+            super()._assign_work_unit(node)
+
+    return RayModulesInOneUnit(config, log)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", "1048576")
@@ -86,8 +148,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# setdefault: test modules import this file again as ``tests.conftest``; both copies must agree.
-S3_PORT = int(os.environ.setdefault("FRA_TEST_S3_PORT", str(_free_port())))
+# setdefault: test modules import this file again as ``tests.conftest``; both copies must agree. One
+# server per pytest process: under xdist each worker has its own (the variable is named after it, so
+# a worker does not take over the port its parent process picked).
+S3_PORT = int(os.environ.setdefault("FRA_TEST_S3_PORT_" + os.environ.get("PYTEST_XDIST_WORKER", "main"),
+                                    str(_free_port())))
 S3_BUCKET = "fra-test"
 S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
           "AWS_ACCESS_KEY_ID": "fra-test-key", "AWS_SECRET_ACCESS_KEY": "fra-test-secret",
