@@ -29,7 +29,7 @@ test: $(STAMP)
 
 # The fast set for development: no test marked slow or cluster (see pyproject.toml's markers).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow and not cluster" tests
+	$(BIN)/python -m pytest -q -ra -m "not slow and not cluster" $(XDIST) tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

@@ -210,7 +210,11 @@ class RayCluster:
                 continue
         return pids
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM to every process group, SIGKILL to what is left after ``timeout_s``. Measured
+        2026-12-07: after a SIGTERM the head's GCS and both ``ray start --block`` processes take 31-33 s
+        to go, the rest goes in 1-11 s; nothing of the cluster is kept (its jobs' results are in S3 and
+        MLflow), so the test does not wait for Ray's graceful shutdown."""
         for p in self.procs:
             if p.poll() is None:
                 try:
