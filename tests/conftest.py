@@ -117,7 +117,7 @@ def pytest_xdist_make_scheduler(config, log):
             return RAY_UNIT if module in RAY_MODULES else module
 
         def _assign_work_unit(self, node) -> None:
-            # the Ray unit, the longest, goes to the first worker (not niced, below) and starts first
+            # the Ray unit, the longest, goes to RAY_WORKER (the one not niced, above) and starts first
             if RAY_UNIT in self.workqueue:
                 self.workqueue.move_to_end(RAY_UNIT, last=node.gateway.id != RAY_WORKER)
             super()._assign_work_unit(node)
