@@ -117,6 +117,20 @@ def restore(location: str, db: str | Path) -> bool:
     return True
 
 
+def _stored_digest(location: str) -> str:
+    """sha256 of the backup at ``location``; "" if there is none yet."""
+    from pyarrow import fs as pafs
+
+    fs, path = _open(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return ""
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as src:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _signature(db: Path) -> tuple:
     """Changes whenever sqlite writes the database (main file or write-ahead log)."""
     out = []
@@ -133,20 +147,23 @@ def watch(db: str | Path, location: str, every_s: float = 60.0, stop: threading.
     """Back ``db`` up to ``location`` within ``every_s`` of every change, until stopped.
 
     Stops on ``stop`` being set or on SIGTERM / SIGINT (when run in the main thread), after a
-    last backup if the database changed since the previous one. A database that is unchanged since
-    the watch began (just restored) is uploaded only if the backup does not exist yet. Upload
-    errors are logged and retried at the next round.
+    last backup if the database changed since the previous one. The first round compares the
+    database's content with the backup's, not with the database as it was when the watch began:
+    a database just restored and unchanged is not uploaded again, while a change made before the
+    watcher started (the server starts first and may already be serving) is. Upload errors are
+    logged and retried at the next round.
     """
-    from pyarrow import fs as pafs
-
     db = Path(db).expanduser()
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    fs, path = _open(location)
-    last_sig = _signature(db) if fs.get_file_info(path).type != pafs.FileType.NotFound else None
-    last_digest = ""
+    try:
+        last_digest = _stored_digest(location)
+    except OSError as exc:  # the first round then uploads whatever the database holds
+        log.warning("could not read the MLflow database backup at %s (%s); uploading at the first round", location, exc)
+        last_digest = ""
+    last_sig = None
     log.info("backing up %s to %s every %g s after a change", db, location, every_s)
     while True:
         stopping = stop.wait(every_s)

@@ -151,3 +151,27 @@ def test_watch_uploads_once_more_when_stopped(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert sqlite3.connect(dest).execute("select x from t").fetchall() == [(7,)]
+
+
+def test_watch_uploads_a_change_made_before_it_started_and_not_an_unchanged_restore(tmp_path):
+    """cluster.yaml starts the server before the watcher: a write in between must still reach the backup
+    (seen in CI: a watcher that took the database's state at its start as "backed up" never uploaded it),
+    while a database restored and left unchanged is not uploaded again."""
+    db, dest = tmp_path / "mlflow.db", tmp_path / "backup" / "mlflow.db"
+    con = sqlite3.connect(db)
+    con.execute("create table t (x)")
+    con.commit()
+    backup(db, str(dest))
+    restored = tmp_path / "head2" / "mlflow.db"
+    assert restore(str(dest), restored) is True
+    before = dest.stat().st_mtime_ns, dest.read_bytes()
+    stop = threading.Event()
+    stop.set()  # one round, then return
+    watch(restored, str(dest), 3600, stop)
+    assert (dest.stat().st_mtime_ns, dest.read_bytes()) == before  # unchanged: not uploaded again
+
+    con.execute("insert into t values (7)")  # written before the watcher starts
+    con.commit()
+    con.close()
+    watch(db, str(dest), 3600, stop)
+    assert sqlite3.connect(dest).execute("select x from t").fetchall() == [(7,)]
