@@ -70,11 +70,15 @@ RAY_MODULES = frozenset(f"tests/test_{name}.py" for name in (
     "s3", "shards", "stream", "swav_train", "tune_landmarks", "tune_sweep", "worker_malloc"))
 RAY_UNIT = "ray"
 RAY_WORKER = "gw0"
-# The other workers run at a lower priority: the Ray unit is the suite's critical path (about 30 of
-# its minutes), and measured with equal priority (2026-12-07) the Ray-free modules beside it slowed it
-# by as much as they saved. Niced, they take the CPU the Ray unit leaves idle.
+# The other workers run at the lowest priority, nice 19: the Ray unit is the suite's critical path
+# (about 30 of its minutes), and measured with equal priority (2026-12-07) the Ray-free modules beside
+# it slowed it by as much as they saved. Niced, they take the CPU the Ray unit leaves idle. Not nice 10:
+# the raylet starts Ray's workers (training workers, Ray Train's and Ray Data's actors) at nice 15
+# (Ray's `worker_niceness`), so at 10 the Ray-free worker took the CPU from them; a tiny Ray Train job
+# beside a two-thread loop at nice 10 took 70-77 s, at nice 19 30-44 s, alone 27-38 s (2026-12-07,
+# benchmarks/ray_job_overhead.py --jobs 3).
 if os.environ.get("PYTEST_XDIST_WORKER", RAY_WORKER) != RAY_WORKER:
-    os.setpriority(os.PRIO_PROCESS, 0, max(10, os.getpriority(os.PRIO_PROCESS, 0)))  # (imported twice)
+    os.setpriority(os.PRIO_PROCESS, 0, 19)  # (imported twice)
 
 
 def _starts_ray(item) -> bool:
