@@ -167,11 +167,18 @@ def test_watch_uploads_a_change_made_before_it_started_and_not_an_unchanged_rest
     before = dest.stat().st_mtime_ns, dest.read_bytes()
     stop = threading.Event()
     stop.set()  # one round, then return
-    watch(restored, str(dest), 3600, stop)
+
+    def one_round(path):  # in a thread: in the main thread watch() takes over SIGINT and SIGTERM
+        thread = threading.Thread(target=watch, args=(path, str(dest), 3600, stop))
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive()
+
+    one_round(restored)
     assert (dest.stat().st_mtime_ns, dest.read_bytes()) == before  # unchanged: not uploaded again
 
     con.execute("insert into t values (7)")  # written before the watcher starts
     con.commit()
     con.close()
-    watch(db, str(dest), 3600, stop)
+    one_round(db)
     assert sqlite3.connect(dest).execute("select x from t").fetchall() == [(7,)]
