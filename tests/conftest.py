@@ -148,6 +148,10 @@ def ray_local():
         shutdown_ray()
 
 
+# Runs that tests in more than one module share (issue 15 §4).
+from tests.shared_runs import method_runs, sweep_run  # noqa: E402,F401
+
+
 # ---- S3: a local S3-compatible server (moto), reached like AWS or MinIO --------------------------
 # The endpoint and credentials are the standard AWS environment variables, set here at import so
 # that every process this session starts (a local Ray's raylet and workers, an MLflow server)
@@ -228,6 +232,8 @@ def _mlflow_tracking_uri_stays_in_its_module():
 # folders its module fixtures made with tmp_path_factory and the objects it left in the test S3
 # bucket (moto spools every object over 5 MB to an unlinked file in /tmp until the server stops).
 _S3_STARTED: list[bool] = []
+# A session fixture's folder (its name starts with this) is shared by modules and removed by that fixture.
+SESSION_DIR_PREFIX = "session-"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -240,6 +246,8 @@ def _module_leaves_no_files(request, tmp_path_factory):
     import shutil
 
     for path in set(root.iterdir()) - before:
+        if path.name.startswith(SESSION_DIR_PREFIX):
+            continue
         shutil.rmtree(path, ignore_errors=True)
     if _S3_STARTED:
         import boto3

@@ -11,7 +11,6 @@ import pytest
 
 from fra.errors import ConfigError
 from fra.pipeline import load_pipeline, run_pipeline, stage_config
-from tests.conftest import seed_mlflow_db
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 SHORT = ["pretrain.optim.epochs=1", "pretrain.data.synthetic.num_identities=10", "pretrain.run.checkpoint_every=0",
@@ -197,34 +196,27 @@ def test_rafdb_pipeline_runs_from_the_official_layout_and_promotes(ray_local, tm
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sweep_chain_registers_the_best_trial_without_retraining(ray_local, tmp_path, capsys):
-    from fra.cli.main import main
+def test_sweep_chain_registers_the_best_trial_without_retraining(ray_local, sweep_run):
     from fra.evaluation.backbones import resolve_backbone
     from fra.registry import show
 
-    # One trial of one epoch; no per-epoch proxy or ASHA (tests/test_tune_sweep.py covers them). The
-    # evaluate stage runs in-process (num_workers=0); the trial's chained evaluation keeps one worker.
-    sets = [f"storage_path={tmp_path}", "sweep.num_samples=1", "sweep.objective.proxy=none", "sweep.scheduler.name=none",
-            "pretrain.optim.epochs=1", "pretrain.data.synthetic.num_identities=6", "evaluate.data.image_size=32",
-            "evaluate.optim.epochs=1", "evaluate.optim.warmup_epochs=0", "evaluate.run.last_k=1",
-            "evaluate.scaling.num_workers=0"]
-    # the trials log from Ray workers, which this session's MLflow template does not reach
-    seed_mlflow_db(tmp_path / "mlflow.db")
-    assert main(_argv("sweep_then_promote.yaml", sets)) == 0
-    printed = capsys.readouterr().out
-    assert "promotion: promoted" in printed and "sweep best pipeline:" in printed
+    # The suite's shared sweep (tests/shared_runs.py): `fra run` of the whole pipeline after the sweep
+    # was run by `fra tune`, interrupted and resumed. tests/test_tune_sweep.py asserts on the sweep
+    # itself; here, what the chain did with it. The evaluate stage ran in the driver (num_workers=0).
+    storage, out, printed = sweep_run.storage, sweep_run.summary, sweep_run.printed
+    assert "[shards] already done" in printed and "promotion: promoted" in printed and "sweep best pipeline:" in printed
 
-    out = json.loads((tmp_path / "summary.json").read_text())
     # no pretrain stage (summary.json is written with sorted keys, so compare the sets)
     assert set(out) == {"shards", "sweep", "evaluate", "register", "promote"}
     sweep = out["sweep"]
     train_runs = Path(sweep["experiment_dir"]) / "train_runs"
     trial_runs = sorted(p.name for p in train_runs.glob("train_*"))
-    assert trial_runs == [f"train_{sweep['best_trial_id']}"]  # one trial, trained once
+    # one pretraining run per trial, the interrupted one resumed in its own: nothing was retrained
+    assert trial_runs == sorted(f"train_{r['trial_id']}" for r in sweep["rows"]) and len(trial_runs) == 3
     # the evaluation and the registry got the best trial's own export, not a new training run
     assert out["evaluate"]["backbone"] == sweep["best_backbone"]
-    assert Path(sweep["best_backbone"]).is_relative_to(train_runs / trial_runs[0])
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert Path(sweep["best_backbone"]).is_relative_to(train_runs / f"train_{sweep['best_trial_id']}")
+    uri = f"sqlite:///{storage}/mlflow.db"
     champion = resolve_backbone("models:/fra-sweep@champion", tracking_uri=uri)
     assert champion.fingerprint == resolve_backbone(sweep["best_backbone"]).fingerprint
     assert out["register"]["metrics"]["fer_top1_mean_last5"] == pytest.approx(out["evaluate"]["top1_mean_last5"])
@@ -236,4 +228,4 @@ def test_sweep_chain_registers_the_best_trial_without_retraining(ray_local, tmp_
     for path, value in sweep["best_params"].items():
         section, key = path.split(".")
         assert getattr(getattr(pre, section), key) == value, path
-    assert stage_config(best, "evaluate").data.shards == str(tmp_path / "shards" / "fer_faces")
+    assert stage_config(best, "evaluate").data.shards == str(storage / "shards" / "fer_faces")

@@ -1,7 +1,8 @@
 """SwAV (FRL's recipe) and BYOL through the same Ray pipeline as FRA.
 
-Pure pieces first (LARC step, SwAV schedule, normalisation), then the multi-crop stream and
-tiny SwAV / BYOL runs of ``fra pretrain`` on the session's local Ray.
+Pure pieces first (LARC step, SwAV schedule, normalisation), then the multi-crop stream, a tiny
+SwAV run of ``fra pretrain`` on the session's local Ray, and the BYOL run on Ray that the session
+shares with tests/test_pretrain_export.py (``method_runs``, tests/shared_runs.py).
 """
 from __future__ import annotations
 
@@ -258,13 +259,8 @@ def _load_like_the_frl_release(path: Path) -> torch.nn.Module:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_byol_trains_through_the_same_pipeline(ray_local, tmp_path):
-    from fra.train.ray_trainer import pretrain_ray
-
-    byol = {**SWAV, "model": {"method": "byol", "backbone": "resnet18", "hidden_dim": 64, "proj_dim": 32,
-                              "num_proto": 4, "decoder_heads": 4, "decoder_ffn": 64},
-            "optim": {"lr": 1.0, "epochs": 1, "warmup_epochs": 0, "batch_size": 8}}
-    out = pretrain_ray(_config(tmp_path, "byol", byol))
+def test_byol_trains_through_the_same_pipeline(method_runs):
+    out = method_runs.ray["byol"]  # the BYOL run on Ray Train that tests/test_pretrain_export.py also reads
     h = out.return_value["history"][0]
     assert out.return_value["status"] == "finished" and math.isfinite(h["loss/inst"])
     assert h["loss"] == pytest.approx(h["loss/inst"], rel=1e-5)  # the instance branch alone
