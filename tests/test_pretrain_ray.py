@@ -170,20 +170,34 @@ def test_a_new_worker_group_streams_from_the_epoch_of_the_checkpoint_it_resumes_
 
 
 # ---- Ray Train ---------------------------------------------------------------------------------
+# One uninterrupted one-worker run serves two tests (issue 15 §4, one Ray Train job fewer): what it logs
+# and exports, and as the reference the interrupted-and-resumed run must reproduce. Dropout on (torch's
+# RNG matters for the resume), checkpoints every 4 steps, tracked, heat maps every epoch. lr 32 with the
+# linear rule is the same 1.0 for batch 8 as the other tests, but a raw lr logged in place of the
+# derived one would show.
+STRAIGHT = ("model.dropout=0.1", "run.checkpoint_every=4", "run.checkpoint_upload=sync", "tracking.enabled=true",
+            "run.heatmaps_every_epoch=true", "optim.lr=32", "optim.lr_scaling=linear")
+
+
+@pytest.fixture(scope="module")
+def straight(ray_local, tmp_path_factory, mlflow_uri):
+    """(config, result, folder) of the uninterrupted run; its trace (inject.trace_to) is ``folder/a.jsonl``."""
+    from fra.train.ray_trainer import pretrain_ray
+
+    root = tmp_path_factory.mktemp("straight")
+    cfg = tiny_config(root, "straight", *STRAIGHT, f"tracking.mlflow_uri={mlflow_uri}")
+    return cfg, pretrain_ray(cfg, inject={"trace_to": str(root / "a.jsonl")}), root
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_one_worker_trains_logs_to_mlflow_and_exports(ray_local, tmp_path, mlflow_uri):
+def test_one_worker_trains_logs_to_mlflow_and_exports(straight, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from fra.config import effective_lr
-    from fra.train.ray_trainer import pretrain_ray
 
-    # lr 32 with the linear rule is the same 1.0 for batch 8 as the other tests, but a raw lr logged
-    # in place of the derived one would show.
-    cfg = tiny_config(tmp_path, "one", "tracking.enabled=true", f"tracking.mlflow_uri={mlflow_uri}",
-                      "run.heatmaps_every_epoch=true", "optim.lr=32", "optim.lr_scaling=linear")
+    cfg, out, _ = straight
     assert effective_lr(cfg.optim) == 1.0 != cfg.optim.lr
-    out = pretrain_ray(cfg)
     rv = out.return_value
     assert rv["status"] == "finished" and rv["step"] == rv["planned"] == 2 * (64 // 8)
     losses = [h["loss"] for h in rv["history"]]
@@ -320,7 +334,7 @@ def read_trace(path: Path) -> dict[tuple[int, int], list[dict]]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(ray_local, tmp_path):
+def test_interrupted_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(straight, tmp_path, mlflow_uri):
     """One worker, dropout on (torch's RNG matters), 2 epochs x 8 steps, checkpoints every 4 steps
     and at epoch ends. The interrupted run: its worker is SIGKILLed at step 10 and Ray Train
     restarts it from the epoch-end checkpoint of step 8 (a new worker group, hence a new data
@@ -328,15 +342,15 @@ def test_interrupted_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_o
     the same name (a new fit) resumes from step 12, mid-epoch 2. Both resumes must draw epoch 2's
     data order and augmentations (before the fix both drew epoch 1's, and blocks came out in
     task-completion order, so even epoch 1 differed between runs) and the dropout draws of the
-    uninterrupted run. Reference: the uninterrupted run itself. Every step of the interrupted run,
-    each time it was taken, trains on the same batch with the same RNG state, and the weights
-    and optimizer state at steps 4, 8, 12 and 16 are equal to float tolerance."""
+    uninterrupted run. Reference: the uninterrupted run itself (the module's ``straight`` run: the
+    same config but for the name and the retry). Every step of the interrupted run, each time it was
+    taken, trains on the same batch with the same RNG state, and the weights and optimizer state at
+    steps 4, 8, 12 and 16 are equal to float tolerance."""
     from fra.train.ray_trainer import pretrain_ray
 
-    common = ("model.dropout=0.1", "run.checkpoint_every=4", "run.checkpoint_upload=sync")
-    straight = pretrain_ray(tiny_config(tmp_path, "straight", *common), inject={"trace_to": str(tmp_path / "a.jsonl")})
-    assert straight.return_value["step"] == 16
-    cfg = tiny_config(tmp_path, "resumed", *common, "scaling.max_failures=1")
+    _, reference, ref_dir = straight
+    assert reference.return_value["step"] == 16
+    cfg = tiny_config(tmp_path, "resumed", *STRAIGHT, f"tracking.mlflow_uri={mlflow_uri}", "scaling.max_failures=1")
     trace = {"trace_to": str(tmp_path / "b.jsonl"), "dump_restored_to": str(tmp_path)}
     with pytest.raises(FraError, match="re-run with the same run.name"):
         pretrain_ray(cfg, inject={"kill_at_step": 10, "marker": str(tmp_path / "killed"), "raise_at_step": 14,
@@ -346,7 +360,7 @@ def test_interrupted_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_o
     assert out.return_value["step"] == 16
     assert sorted(p.name for p in tmp_path.glob("restored_step*.pt")) == ["restored_step12.pt", "restored_step8.pt"]
 
-    a, b = read_trace(tmp_path / "a.jsonl"), read_trace(tmp_path / "b.jsonl")
+    a, b = read_trace(ref_dir / "a.jsonl"), read_trace(tmp_path / "b.jsonl")
     assert sorted(a) == sorted(b) == [(0, s) for s in range(16)]
     assert all(len(v) == 1 for v in a.values())
     assert {k: len(v) for k, v in b.items() if len(v) > 1} == {(0, 8): 2, (0, 9): 2, (0, 12): 2, (0, 13): 2}  # taken again
@@ -354,7 +368,7 @@ def test_interrupted_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_o
     differ = [(key, rec["epoch"], field) for key in sorted(a) for rec in b[key] for field in ("epoch", "batch", "rng")
               if rec[field] != a[key][0][field]]
     assert not differ, f"steps of the resumed run that took another batch / RNG state than the uninterrupted one: {differ}"
-    ca, cb = checkpoint_steps(tmp_path / "straight"), checkpoint_steps(tmp_path / "resumed")
+    ca, cb = checkpoint_steps(ref_dir / "straight"), checkpoint_steps(tmp_path / "resumed")
     assert sorted(ca) == sorted(cb) == [4, 8, 12, 16]
     assert {step: weight_differences(ca[step], cb[step])[:3] for step in ca} == {4: [], 8: [], 12: [], 16: []}
 
