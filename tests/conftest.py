@@ -256,6 +256,19 @@ def _module_leaves_no_files(request, tmp_path_factory):
         bucket.objects.all().delete()
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """Tiny models on a shared 2-core machine: one intra-op thread is 2-5x cheaper than two (OpenMP
+    threads spin and wait for each other when the cores are oversubscribed). A module takes it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread_per_module")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SYSTEM_TEMPDIR = tempfile.gettempdir()
 
 

@@ -14,14 +14,7 @@ from fra.evaluation.fer import FERConfig, evaluate_fer
 from tests.conftest import bytes_under
 from tests.data_layouts import CORRUPT, face_jpeg, face_rgb
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is 2-5x cheaper than two
-    (OpenMP threads spin and wait for each other when the cores are oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 RAFDB = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]

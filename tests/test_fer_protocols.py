@@ -11,14 +11,7 @@ import torch
 from fra.config import load_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is 2-5x cheaper than two
-    (OpenMP threads spin and wait for each other when the cores are oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +29,7 @@ def tiny_fra_backbone(tmp_path_factory):
         "run": {"name": "fra_tiny", "storage_path": str(tmp_path_factory.mktemp("pretrain")), "max_steps": 30,
                 "heatmaps_every_epoch": False}})
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # session fixture: set up before the module's one_thread fixture
+    torch.set_num_threads(1)  # session fixture: set up before the module's one_thread_per_module
     try:
         return pretrain_plain(cfg, progress=False).backbone
     finally:

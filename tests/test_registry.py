@@ -26,12 +26,7 @@ PROTOCOL, FINGERPRINT = "linear/rafdb/test", "fp-rafdb-1"
 GATE = "fer_top1_mean_last5"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
