@@ -264,5 +264,52 @@ def check_worker_code(expected: dict | None, where: str) -> dict:
     return mine
 
 
+# ---- the epoch a new Train worker group streams -------------------------------------------------
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
+
+
+def resume_epoch(run_dir: str) -> int:
+    """Epoch the workers resume in: that of the latest checkpoint the Train controller has
+    registered for ``run_dir`` (the one Ray gives the workers), from the ``epoch`` in the metrics
+    reported with it (pretraining and the evaluations both report the number of finished epochs);
+    0 for a run without a checkpoint."""
+    from fra import storage as st
+
+    snapshot = st.join(run_dir, SNAPSHOT_FILE)
+    if not st.exists(snapshot):
+        return 0
+    try:
+        latest = st.read_json(snapshot).get("latest_checkpoint_result") or {}
+        return int(latest["metrics"]["epoch"]) if latest else 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("cannot read the resume epoch from %s (%s): the data stream starts at epoch 0, the order and "
+                    "augmentations of the resumed epoch will not be those of an uninterrupted run",
+                    st.redact(snapshot), exc)
+        return 0
+
+
+class EpochAlignedDataset:
+    """A training dataset as Ray Train takes it: a callable it calls at every worker-group start.
+
+    Each epoch is one execution of the dataset, and the execution index seeds its file order,
+    row permutation, augmentations and class-balanced draws (:mod:`fra.data.stream`,
+    :mod:`fra.evaluation.data`). Ray's split coordinator, created anew with every worker group (a
+    new run, or a restart after a failure), counts executions from the index the dataset carries.
+    Left at 0, a run resumed in epoch e drew epoch 0's data again; here the index is set to the
+    epoch of the checkpoint the new group resumes from (:func:`resume_epoch`, read in the Train
+    controller just before it hands that checkpoint to the workers), so that epoch e always draws
+    epoch e's data. Pretraining and every downstream evaluation job take their training stream
+    through this class.
+    """
+
+    def __init__(self, ds, run_dir: str):
+        self.ds, self.run_dir = ds, run_dir
+
+    def __call__(self):
+        self.ds.context._execution_idx = resume_epoch(self.run_dir)
+        return self.ds
+
+
 __all__ = ["cluster_address", "init_ray", "alive_nodes", "cluster_capacity", "is_multinode", "check_shared_location",
-           "check_tracking_uri", "SHARED_FILESYSTEM_ENV", "API_SERVER_ENV", "code_origin", "check_worker_code", "PARQUET_BIN_PACKING_ENV"]
+           "check_tracking_uri", "SHARED_FILESYSTEM_ENV", "API_SERVER_ENV", "code_origin", "check_worker_code", "PARQUET_BIN_PACKING_ENV",
+           "SNAPSHOT_FILE", "resume_epoch", "EpochAlignedDataset"]

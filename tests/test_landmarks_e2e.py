@@ -74,7 +74,8 @@ def test_killed_two_worker_job_resumes_from_its_checkpoint(ray_local, landmark_s
     (max_failures=1) from that checkpoint and finishes. It resumed rather than retrained: its epoch-1
     entry is the checkpoint's own, wall-clock throughput included. The corrupt train image (one, on one
     rank) is counted once per epoch, summed over ranks. AFLW-19's further normaliser is switched on (box
-    next to the inter-ocular NME) so it runs through Ray.
+    next to the inter-ocular NME) so it runs through Ray. The restarted group's training stream starts at
+    epoch 2's data, as pretraining's does.
 
     NOTE: not asserted: equality with an uninterrupted run. Two identical 2-worker runs already differ in
     their first epoch's train loss (70.34 vs 70.29 here, 2026-12-06), so the comparison would test Ray
@@ -92,10 +93,14 @@ def test_killed_two_worker_job_resumes_from_its_checkpoint(ray_local, landmark_s
             "run": {"storage_path": str(tmp_path), "checkpoint_every": 1, "last_k": 2, "examples": 0,
                     "save_model": False}}, overrides=list(sets))
 
-    marker = tmp_path / "killed"
+    marker, streams = tmp_path / "killed", tmp_path / "stream_epochs.txt"
     resumed = evaluate_landmarks(cfg("scaling.max_failures=1"), run_name="resumed",
-                                 inject={"kill_after_epoch": 1, "kill_rank": 0, "marker": str(marker)})
+                                 inject={"kill_after_epoch": 1, "kill_rank": 0, "marker": str(marker),
+                                         "stream_epochs_to": str(streams)})
     assert marker.read_text() == "1"  # the worker was killed after epoch 1, and the run still finished
+    # rank 0 of each worker group: "<epoch it resumes in> <epoch its training stream starts at>". The restarted
+    # group streams epoch 2's order and augmentations (execution index 1), not epoch 1's again.
+    assert streams.read_text().splitlines() == ["0 0", "1 1"]
 
     saved = [torch.load(p, weights_only=True) for p in (tmp_path / "resumed").glob("checkpoint_*/state.pt")]
     first = next(s for s in saved if s["epoch"] == 1)

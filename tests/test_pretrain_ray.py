@@ -151,7 +151,7 @@ def test_a_new_worker_group_streams_from_the_epoch_of_the_checkpoint_it_resumes_
     the metrics of the latest checkpoint the controller registered (its snapshot file)."""
     from types import SimpleNamespace
 
-    from fra.train.ray_trainer import SNAPSHOT_FILE, EpochAlignedDataset
+    from fra.ray_runtime import SNAPSHOT_FILE, EpochAlignedDataset
 
     run = tmp_path / "run"
     ds = SimpleNamespace(context=SimpleNamespace(_execution_idx=7))

@@ -23,7 +23,7 @@ independent of how rows are split into tasks, different every epoch, identical f
 (seed, epoch). :func:`iter_batches` sets the execution index of a ``Dataset`` to ``epoch``;
 under Ray Train, Ray's split coordinator counts the executions from the index the dataset
 carries when a worker group starts, which fra's trainer sets to the epoch of the checkpoint the
-group resumes from (:class:`fra.train.ray_trainer.EpochAlignedDataset`), so a resumed or
+group resumes from (:class:`fra.ray_runtime.EpochAlignedDataset`), so a resumed or
 restarted run draws the order and augmentations of its own epoch, not those of the first.
 
 Order. :func:`pretrain_dataset` preserves the block order (Ray Data's ``preserve_order``):
@@ -167,6 +167,25 @@ def fer_dataset(shards: str, image_size: int = 224, split: str = "train", train:
         kwargs["extra_columns"] = tuple(extra_columns)
     return ds.map_batches(_fer_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
                           fn_kwargs=kwargs)
+
+
+def check_stream_epoch(shard, epoch: int) -> int | None:
+    """The epoch a Ray Train worker's ``shard`` starts streaming at; warns if it is not ``epoch``, the
+    epoch the worker resumes in. ``None`` (no warning) when the shard does not tell.
+
+    The split coordinator starts counting executions (epochs) from the index the dataset carried
+    when it was created (:class:`fra.ray_runtime.EpochAlignedDataset` sets it); a mismatch means
+    this run trains on another epoch's order and augmentations than an uninterrupted one.
+    """
+    try:
+        start = int(getattr(shard.get_context(), "_execution_idx"))
+    except Exception as exc:  # noqa: BLE001 - a diagnostic only; the stream itself reports its errors
+        logger.debug("cannot read the data stream's epoch: %s", exc)
+        return None
+    if start != epoch:
+        logger.warning("the data stream starts at epoch %d but training resumes in epoch %d: this run draws another "
+                       "epoch's data order and augmentations than an uninterrupted run would", start + 1, epoch + 1)
+    return start
 
 
 def iter_batches(ds_or_shard, batch_size: int, epoch: int = 0, seed: int = 0, drop_last: bool = True,
@@ -530,4 +549,4 @@ def _norm_box(box, size) -> tuple[float, float, float, float]:
     return box[0] / w, box[1] / h, box[2] / w, box[3] / h
 
 
-__all__ = ["pretrain_dataset", "fer_dataset", "iter_batches", "BatchStream", "row_key", "CORRUPT"]
+__all__ = ["pretrain_dataset", "fer_dataset", "iter_batches", "BatchStream", "row_key", "CORRUPT", "check_stream_epoch"]

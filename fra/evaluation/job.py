@@ -15,7 +15,10 @@ def fit_evaluation(loop: Callable[[dict], dict], loop_config: dict, backbone_sd:
     ``num_workers``, ``use_gpu``, ``cpus_per_worker``, ``max_failures``); returns rank 0's loop output.
 
     ``loop_config`` gains ``backbone`` (an object reference when there are workers) and ``code``
-    (the driver's :func:`fra.ray_runtime.code_origin`, checked by every worker).
+    (the driver's :func:`fra.ray_runtime.code_origin`, checked by every worker). ``datasets["train"]``
+    is handed to Ray Train as pretraining's is (:class:`fra.ray_runtime.EpochAlignedDataset`): a run
+    restarted or resumed from its epoch-e checkpoint streams epoch e's order, augmentations and
+    class-balanced draws, not epoch 0's again.
 
     Raises:
         RuntimeError: the run ended without a history (``what`` names the job in the message).
@@ -25,7 +28,8 @@ def fit_evaluation(loop: Callable[[dict], dict], loop_config: dict, backbone_sd:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fra.evaluation.data import eval_data_config
-    from fra.ray_runtime import code_origin, init_ray, train_worker_runtime_env
+    from fra import storage as st
+    from fra.ray_runtime import EpochAlignedDataset, code_origin, init_ray, train_worker_runtime_env
 
     init_ray()
     workers = scaling.num_workers
@@ -37,7 +41,8 @@ def fit_evaluation(loop: Callable[[dict], dict], loop_config: dict, backbone_sd:
                                      resources_per_worker={"CPU": scaling.cpus_per_worker} if workers else None),
         run_config=RunConfig(name=run_id, storage_path=storage, failure_config=FailureConfig(max_failures=scaling.max_failures),
                              worker_runtime_env=train_worker_runtime_env()),
-        datasets=datasets, dataset_config=eval_data_config())
+        datasets={**datasets, "train": EpochAlignedDataset(datasets["train"], st.join(storage, run_id))},
+        dataset_config=eval_data_config())
     result = trainer.fit()
     if not isinstance(result.return_value, dict) or "history" not in result.return_value:
         raise RuntimeError(f"{what} run {run_id} returned no history (result: {result})")

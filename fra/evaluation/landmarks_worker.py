@@ -21,7 +21,8 @@ from torch import nn
 from fra import dist
 from fra.engine import Normalizer, autocast_context
 from fra.evaluation.landmark_metrics import is_evaluated_epoch, landmark_report, nme_per_image, normalizing_distance
-from fra.evaluation.worker import backward_step, end_epoch, report_epoch, resume_state, save_state, start_worker
+from fra.evaluation.worker import (backward_step, dataset_shards, end_epoch, report_epoch, resume_state, save_state,
+                                   start_worker)
 from fra.losses.landmarks import LandmarkLoss, decode
 from fra.models.landmarks import LandmarkNet, to_pixels, to_unit
 
@@ -198,8 +199,8 @@ def landmark_train_loop(config: dict) -> dict:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp)
     start_epoch, history = resume_state(ray.train.get_checkpoint(), model, optimizer)
     per_worker = max(1, spec.batch_size // world)
-    names = ["train", "test"] + (["val"] if spec.has_val else [])
-    shard = {n: ray.train.get_dataset_shard(n) for n in names}
+    shard, stream_epoch = dataset_shards(spec.has_val, rank, start_epoch)
+    _record_stream_epoch(config.get("inject") or {}, start_epoch, stream_epoch)
 
     def batches(name: str):
         return lambda epoch: iter_batches(shard[name], per_worker, epoch=epoch, seed=spec.seed, drop_last=False)
@@ -224,6 +225,16 @@ def landmark_train_loop(config: dict) -> dict:
     else:
         result["examples"] = []
     return result
+
+
+def _record_stream_epoch(inject: dict, start_epoch: int, stream_epoch: int | None) -> None:
+    """Test hook (``inject.stream_epochs_to``): rank 0 appends "<epoch it resumes in> <epoch its training
+    stream starts at>" to that file at every worker-group start."""
+    from pathlib import Path
+
+    if inject.get("stream_epochs_to") and stream_epoch is not None:
+        with Path(inject["stream_epochs_to"]).open("a") as f:
+            f.write(f"{start_epoch} {stream_epoch}\n")
 
 
 def _maybe_kill(inject: dict, epoch: int, rank: int) -> None:

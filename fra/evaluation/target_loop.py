@@ -27,8 +27,8 @@ from fra.engine import Normalizer, autocast_context
 from fra.evaluation.backbones import state_dict_fingerprint
 from fra.evaluation.metrics import is_evaluated_epoch
 from fra.evaluation.target_metrics import affect_stats, attribute_stats
-from fra.evaluation.worker import (LoopSpec, backward_step, end_epoch, make_optimizer, report_epoch, resume_state,
-                                   save_state, set_lr, start_worker, trunk_state)
+from fra.evaluation.worker import (LoopSpec, backward_step, dataset_shards, end_epoch, make_optimizer, report_epoch,
+                                   resume_state, save_state, set_lr, start_worker, trunk_state)
 from fra.models.heads import AttributeMLP, ccc_loss
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,7 @@ def target_train_loop(config: dict) -> dict:
     model = ray.train.torch.prepare_model(model)
     start_epoch, history = resume_state(ray.train.get_checkpoint(), model, optimizer)
     per_worker = max(1, spec.batch_size // world)
-    names = ["train", "test"] + (["val"] if spec.has_val else [])
-    shard = {n: ray.train.get_dataset_shard(n) for n in names}
+    shard, _ = dataset_shards(spec.has_val, rank, start_epoch)
     score = config["score"]  # (module, function) giving the per-epoch metric reported to Ray
 
     def batches(name: str):

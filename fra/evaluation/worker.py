@@ -360,6 +360,18 @@ def resume_state(checkpoint, model: nn.Module, optimizer) -> tuple[int, list]:
     return int(state["epoch"]), list(state["history"])
 
 
+def dataset_shards(has_val: bool, rank: int, start_epoch: int) -> tuple[dict, int | None]:
+    """This worker's Ray Train shards of ``train``, ``test`` (and ``val``), and the epoch the training
+    stream starts at (rank 0 reads it, :func:`fra.data.stream.check_stream_epoch`, which warns unless it
+    is ``start_epoch``, the epoch the loop resumes in; ``None`` on other ranks)."""
+    import ray.train
+
+    from fra.data.stream import check_stream_epoch
+
+    shard = {n: ray.train.get_dataset_shard(n) for n in ["train", "test"] + (["val"] if has_val else [])}
+    return shard, check_stream_epoch(shard["train"], start_epoch) if rank == 0 else None
+
+
 def start_worker(config: dict, where: str, seed: int) -> tuple[int, int, dict]:
     """A Train worker's first steps: check it runs the driver's code, seed torch so every rank
     builds the same head (DDP also broadcasts rank 0's), fetch the backbone weights.
@@ -399,8 +411,7 @@ def fer_train_loop(config: dict) -> dict:
     model = ray.train.torch.prepare_model(model)
     start_epoch, history = resume_state(ray.train.get_checkpoint(), model, optimizer)
     per_worker = max(1, spec.batch_size // world)
-    names = ["train", "test"] + (["val"] if spec.has_val else [])
-    shard = {n: ray.train.get_dataset_shard(n) for n in names}
+    shard, _ = dataset_shards(spec.has_val, rank, start_epoch)
 
     def batches(name: str):
         buffer = 256 if name == "train" else 0  # evaluation order does not matter: no shuffle buffer

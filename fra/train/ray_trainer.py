@@ -27,6 +27,7 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 from fra.config import (PretrainConfig, dump_yaml, effective_lr, flatten, per_worker_batch, to_dict,
                         to_record)
 from fra.errors import ConfigError, FraError
+from fra.ray_runtime import SNAPSHOT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -162,26 +163,6 @@ def prepare_data(cfg: PretrainConfig, storage: str):
     return manifest, ds
 
 
-class EpochAlignedDataset:
-    """The training dataset as Ray Train takes it: a callable it calls at every worker-group start.
-
-    Each epoch is one execution of the dataset, and the execution index seeds its file order,
-    row permutation and augmentations (:mod:`fra.data.stream`). Ray's split coordinator, created
-    anew with every worker group (a new run, or a restart after a failure), counts executions
-    from the index the dataset carries. Left at 0, a run resumed in epoch e drew epoch 0's order
-    and augmentations again; here the index is set to the epoch of the checkpoint the new group
-    resumes from (:func:`resume_epoch`, read in the Train controller just before it hands that
-    checkpoint to the workers), so that epoch e always draws epoch e's data.
-    """
-
-    def __init__(self, ds, run_dir: str):
-        self.ds, self.run_dir = ds, run_dir
-
-    def __call__(self):
-        self.ds.context._execution_idx = resume_epoch(self.run_dir)
-        return self.ds
-
-
 def ingest_options(ds):
     """Ray Train's ingest options for ``ds`` (the driver's, as Ray Train's default) with the dataset's
     own ``preserve_order``: Ray Train replaces a dataset's execution options with these when it
@@ -192,25 +173,6 @@ def ingest_options(ds):
     options = DataConfig.default_ingest_options()
     options.preserve_order = bool(ds.context.execution_options.preserve_order)
     return options
-
-
-def resume_epoch(run_dir: str) -> int:
-    """Epoch the workers resume in: that of the latest checkpoint the Train controller has
-    registered for ``run_dir`` (the one Ray gives the workers), from the metrics fra reports with
-    every checkpoint; 0 for a run without a checkpoint."""
-    from fra import storage as st
-
-    snapshot = st.join(run_dir, SNAPSHOT_FILE)
-    if not st.exists(snapshot):
-        return 0
-    try:
-        latest = st.read_json(snapshot).get("latest_checkpoint_result") or {}
-        return int(latest["metrics"]["epoch"]) if latest else 0
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        log.warning("cannot read the resume epoch from %s (%s): the data stream starts at epoch 0, the order and "
-                    "augmentations of the resumed epoch will not be those of an uninterrupted run",
-                    st.redact(snapshot), exc)
-        return 0
 
 
 def multicrop_args(cfg: PretrainConfig) -> dict | None:
@@ -273,8 +235,8 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
     from fra.train.worker import train_loop_per_worker
 
     from fra import storage as st
-    from fra.ray_runtime import (check_shared_location, check_tracking_uri, code_origin, init_ray,
-                                 train_worker_runtime_env)
+    from fra.ray_runtime import (EpochAlignedDataset, check_shared_location, check_tracking_uri, code_origin,
+                                 init_ray, train_worker_runtime_env)
 
     check_config(cfg)
     lo, hi = worker_range(cfg)
@@ -377,7 +339,6 @@ def _fit(trainer, cfg: PretrainConfig):
     return result
 
 
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
 UNREGISTERED_DIR = "unregistered_checkpoints"
 
 

@@ -46,7 +46,7 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train.torch
 
     from fra.data.device_augment import augment_batches
-    from fra.data.stream import iter_batches
+    from fra.data.stream import check_stream_epoch, iter_batches
 
     from fra.ray_runtime import check_worker_code
 
@@ -63,7 +63,7 @@ def train_loop_per_worker(config: dict) -> dict:
     schedule = Schedule.from_config(cfg.optim, cfg.model, plan["iters_per_epoch"])
     shard = ray.train.get_dataset_shard("train")
     if rank == 0:
-        check_stream_epoch(shard, state)
+        check_stream_epoch(shard, state.epoch)
     batch = per_worker_batch(plan["global_batch"], world)
     try:
         while state.step < plan["total_steps"]:
@@ -177,24 +177,6 @@ def seeded_steps(batches: Iterable[dict], state: TrainState, seed: int, rank: in
     for batch in batches:
         torch.manual_seed(step_seed(seed, rank, state.step))
         yield batch
-
-
-def check_stream_epoch(shard, state: TrainState) -> None:
-    """Warn if the data stream does not start at the epoch the workers resume in.
-
-    The split coordinator starts counting executions (epochs) from the index the dataset carried
-    when it was created (:class:`fra.train.ray_trainer.EpochAlignedDataset` sets it); a mismatch
-    means this run trains on another epoch's order and augmentations than an uninterrupted one.
-    """
-    try:
-        start = int(getattr(shard.get_context(), "_execution_idx", state.epoch))
-    except Exception as exc:  # noqa: BLE001 - a diagnostic only; the stream itself reports its errors
-        log.debug("cannot read the data stream's epoch: %s", exc)
-        return
-    if start != state.epoch:
-        log.warning("the data stream starts at epoch %d but training resumes in epoch %d: this run draws another "
-                    "epoch's data order and augmentations than an uninterrupted run would", start + 1,
-                    state.epoch + 1)
 
 
 def _trace(batches: Iterable[dict], state: TrainState, rank: int, path: Path) -> Iterator[dict]:
