@@ -310,6 +310,18 @@ class EpochAlignedDataset:
         return self.ds
 
 
+def wait_until_reports_registered(timeout_s: float = 60.0) -> None:
+    """In a Ray Train worker: return once the Train controller has processed every ``ray.train.report``
+    this worker made (registered its checkpoint and written its snapshot file), or after ``timeout_s``.
+    The fault-injection hooks call it before they kill or fail a worker, so the run's latest
+    checkpoint is known, without a fixed sleep."""
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                           timeout_s=timeout_s)
+
+
 __all__ = ["cluster_address", "init_ray", "alive_nodes", "cluster_capacity", "is_multinode", "check_shared_location",
            "check_tracking_uri", "SHARED_FILESYSTEM_ENV", "API_SERVER_ENV", "code_origin", "check_worker_code", "PARQUET_BIN_PACKING_ENV",
-           "SNAPSHOT_FILE", "resume_epoch", "EpochAlignedDataset"]
+           "SNAPSHOT_FILE", "resume_epoch", "EpochAlignedDataset",
+           "wait_until_reports_registered"]

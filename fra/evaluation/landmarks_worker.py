@@ -245,12 +245,14 @@ def _maybe_kill(inject: dict, epoch: int, rank: int) -> None:
     import signal
     from pathlib import Path
 
+    from fra.ray_runtime import wait_until_reports_registered
+
     if inject.get("kill_after_epoch") != epoch or inject.get("kill_rank", 0) != rank:
         return
     marker = Path(inject["marker"])
     if not marker.exists():
         marker.write_text(str(epoch))
-        time.sleep(inject.get("delay_s", 3))  # let the controller register the epoch's checkpoint
+        wait_until_reports_registered()  # the epoch's checkpoint is the one the restarted group resumes from
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -396,15 +396,17 @@ class WorkerHooks:
     def _maybe_inject(self, state: TrainState) -> None:
         """Test hooks: kill this worker process once, raise, or poison the next input (and, in
         :meth:`on_log`, ``collapse_from_step``)."""
+        from fra.ray_runtime import wait_until_reports_registered
+
         inj = self.inject
         if inj.get("kill_at_step") == state.step and inj.get("kill_rank", 0) == self.rank:
             marker = Path(inj["marker"])
             if not marker.exists():
                 marker.write_text(str(state.step))
-                time.sleep(inj.get("delay_s", 5))  # let the controller register the last report
+                wait_until_reports_registered()  # the latest checkpoint is the one the test expects
                 os.kill(os.getpid(), signal.SIGKILL)
         if inj.get("raise_at_step") == state.step and self.rank == 0:
-            time.sleep(inj.get("delay_s", 5))
+            wait_until_reports_registered()
             raise RuntimeError(f"injected failure at step {state.step}")
         if inj.get("nan_at_step") == state.step and self.rank == inj.get("nan_rank", 0):
             self._poison = True
