@@ -18,6 +18,8 @@ import fra.data.augment as aug
 from fra.data.augment import PHOTOMETRIC_COLUMNS, TwoViewTransform, ViewParams, photometric_row
 from fra.data.device_augment import DeviceAugment, augment_batches
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py
+
 S = 64
 COL = {c: i for i, c in enumerate(PHOTOMETRIC_COLUMNS)}
 
@@ -33,14 +35,6 @@ def crops() -> list[Image.Image]:
         x, y = rng.integers(0, 512 - w), rng.integers(0, 512 - h)
         out.append(Image.fromarray(a[y:y + h, x:x + w]))
     return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _device(views: list[np.ndarray], rows: list[np.ndarray], chunk: int = 0) -> np.ndarray:

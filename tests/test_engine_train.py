@@ -16,19 +16,12 @@ from fra.models import OnlineView, build_model
 from fra.optim import build_optimizer
 from fra.train.checkpointing import export_backbone, load_checkpoint, restore, save_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py
+
 MODEL = ModelConfig(backbone="resnet18", hidden_dim=64, proj_dim=32, num_proto=4, decoder_heads=4,
                     decoder_ffn=64, dropout=0.1)
 OPTIM = OptimConfig(lr=0.5, epochs=2, warmup_epochs=1, batch_size=8)
 SIZE = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core box, 2 OpenMP threads are up to 8x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batches(n: int, seed: int = 0, batch: int = 8) -> list[dict]:

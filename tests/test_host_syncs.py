@@ -24,6 +24,8 @@ from fra.models import build_model, online_view
 from fra.nonfinite import FiniteCheck, NonFiniteLossError
 from fra.optim import build_optimizer
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py
+
 MODEL = {"backbone": "resnet18", "hidden_dim": 64, "proj_dim": 32, "num_proto": 4, "decoder_heads": 4,
          "decoder_ffn": 64, "dropout": 0.1}
 SIZE, BATCH = 64, 4
@@ -53,14 +55,6 @@ class HostSyncs:
             self.calls.append(name)
             return fn(tensor, *args, **kwargs)
         return read
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batches(n: int, nan_at: int = -1) -> list[dict]:
