@@ -22,8 +22,8 @@ Each image's augmentation comes from ``default_rng([seed, execution, 1, hash(sou
 independent of how rows are split into tasks, different every epoch, identical for the same
 (seed, epoch). :func:`iter_batches` sets the execution index of a ``Dataset`` to ``epoch``;
 under Ray Train, Ray's split coordinator counts the executions from the index the dataset
-carries when a worker group starts, which fra's trainer sets to the epoch of the checkpoint the
-group resumes from (:class:`fra.ray_runtime.EpochAlignedDataset`), so a resumed or
+carries when a worker group starts, which fra's Train jobs (pretraining and the downstream
+evaluations) set to the epoch of the checkpoint the group resumes from (:class:`fra.ray_runtime.EpochAlignedDataset`), so a resumed or
 restarted run draws the order and augmentations of its own epoch, not those of the first.
 
 Order. :func:`pretrain_dataset` preserves the block order (Ray Data's ``preserve_order``):
