@@ -11,6 +11,9 @@ fra joins an existing cluster whenever there is one to join, and only then start
 It also records which copy of fra this process imported (:func:`code_origin`): a job sent with
 ``ray job submit --working-dir .`` must run the shipped copy in the driver and in every worker,
 never a mix of it and an installed package.
+
+Last, what every Ray Train job of fra shares about resuming (:class:`EpochAlignedDataset`): the
+epoch a new worker group's training stream starts at, read from the Train controller's snapshot.
 """
 from __future__ import annotations
 
