@@ -23,8 +23,9 @@ independent of how rows are split into tasks, different every epoch, identical f
 (seed, epoch). :func:`iter_batches` sets the execution index of a ``Dataset`` to ``epoch``;
 under Ray Train, Ray's split coordinator counts the executions from the index the dataset
 carries when a worker group starts, which fra's Train jobs (pretraining and the downstream
-evaluations) set to the epoch of the checkpoint the group resumes from (:class:`fra.ray_runtime.EpochAlignedDataset`), so a resumed or
-restarted run draws the order and augmentations of its own epoch, not those of the first.
+evaluations) set to the epoch of the checkpoint the group resumes from
+(:class:`fra.ray_runtime.EpochAlignedDataset`), so a resumed or restarted run draws the order
+and augmentations of its own epoch, not those of the first.
 
 Order. :func:`pretrain_dataset` preserves the block order (Ray Data's ``preserve_order``):
 without it blocks leave in the order their tasks finish, and two runs of the same config saw
