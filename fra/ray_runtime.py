@@ -54,6 +54,12 @@ def cluster_address(address: str = "") -> str | None:
 def init_ray(*, address: str = "", num_cpus: int = 0, dashboard: bool = True, **local_kwargs) -> str:
     """Join a running cluster or start a local Ray (module docstring).
 
+    Call it before anything touches Ray Data: reading Parquet into a ``Dataset`` or materializing one
+    starts a default local Ray by itself when none runs, with ``os.cpu_count()`` logical CPUs (no
+    spare CPU for the data path beside the workers), without ``RAY_API_SERVER_ADDRESS``, and unknown
+    to the console, which then cannot shut it down inside its capture (Ray's deduplicated last lines
+    reached the terminal at exit).
+
     Args:
         address: see :func:`cluster_address`.
         num_cpus: logical CPUs of a *local* Ray (0 = max(4, cores): the data path needs CPUs beside

@@ -98,3 +98,52 @@ def test_jobs_refuse_shards_without_targets_and_fer_only_options_before_starting
         evaluate_affect(load_config(AffectConfig, data=base))
     with pytest.raises(ConfigError, match="val_fraction is not supported"):
         evaluate_affect(load_config(AffectConfig, data={**base, "data": {"shards": shards, "val_fraction": 0.1}}))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_every_evaluation_starts_fras_ray_before_it_builds_a_dataset(tmp_path, monkeypatch):
+    """Reading or materializing a Ray Data dataset starts a default local Ray when none runs (one
+    logical CPU per core, unknown to fra's console, whose Ray lines then reached the terminal at
+    exit). So each evaluation must call ``init_ray`` first; the dataset builders stop the job here."""
+    import fra.evaluation.data
+    import fra.evaluation.landmarks_data
+    import fra.evaluation.targets
+    import fra.ray_runtime
+    from fra.config import load_config
+    from fra.data.shards import write_shards
+    from fra.evaluation.affect import AffectConfig, evaluate_affect
+    from fra.evaluation.attributes import AttributesConfig, evaluate_attributes
+    from fra.evaluation.fer import FERConfig, evaluate_fer
+    from fra.evaluation.landmarks import LandmarkConfig, evaluate_landmarks
+
+    calls = []
+
+    def record(name, stop=False):
+        def call(*args, **kwargs):
+            calls.append(name)
+            if stop:
+                raise _Stop
+            return "initialized"
+        return call
+
+    monkeypatch.setattr(fra.ray_runtime, "init_ray", record("init_ray"))
+    monkeypatch.setattr(fra.evaluation.data, "fer_datasets", record("datasets", stop=True))
+    monkeypatch.setattr(fra.evaluation.targets, "datasets", record("datasets", stop=True))
+    monkeypatch.setattr(fra.evaluation.landmarks_data, "landmark_datasets", record("datasets", stop=True))
+    faces = write_shards("synthetic_faces", "", str(tmp_path / "faces"), parallel=False, num_identities=2,
+                         images_per_identity=2, size=32, with_attributes=True).uri
+    points = write_shards("synthetic_landmarks", "", str(tmp_path / "points"), parallel=False, num_identities=2,
+                          images_per_identity=2, size=32).uri
+    for evaluate, kind, shards in ((evaluate_fer, FERConfig, faces), (evaluate_attributes, AttributesConfig, faces),
+                                   (evaluate_affect, AffectConfig, faces),
+                                   (evaluate_landmarks, LandmarkConfig, points)):
+        calls.clear()
+        cfg = load_config(kind, data={"data": {"shards": shards, "image_size": 32},
+                                      "backbone": {"source": "random:resnet18"},
+                                      "run": {"storage_path": str(tmp_path / "runs")}})
+        with pytest.raises(_Stop):
+            evaluate(cfg)
+        assert calls == ["init_ray", "datasets"], evaluate.__name__

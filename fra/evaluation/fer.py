@@ -174,7 +174,7 @@ def evaluate_fer(cfg: FERConfig, backbone_source: Any = None, *, run_name: str |
     from fra.data.manifest import read_manifest
     from fra.evaluation.worker import LoopSpec
     from fra import storage as st
-    from fra.ray_runtime import check_shared_location
+    from fra.ray_runtime import check_shared_location, init_ray
 
     t0 = time.perf_counter()
     if not cfg.data.shards:
@@ -192,6 +192,9 @@ def evaluate_fer(cfg: FERConfig, backbone_source: Any = None, *, run_name: str |
     balanced = cfg.optim.balanced_sampling
     balanced = bool(card and card.options.get("balanced_sampling", False)) if balanced is None else balanced
     workers = cfg.scaling.num_workers
+    storage = st.absolute(cfg.run.storage_path)
+    init_ray()  # before the datasets: Ray Data would start a default Ray itself (init_ray's docstring)
+    check_shared_location("run.storage_path", storage)
     datasets, sizes = fer_datasets(manifest, image_size=cfg.data.image_size, train_split=cfg.data.train_split,
                                    test_split=test_split, val_split=cfg.data.val_split,
                                    val_fraction=cfg.data.val_fraction, balanced=balanced,
@@ -208,8 +211,6 @@ def evaluate_fer(cfg: FERConfig, backbone_source: Any = None, *, run_name: str |
                     last_k=cfg.run.last_k, seed=cfg.run.seed, mean=tuple(mean), std=tuple(std),
                     checkpoint_every=cfg.run.checkpoint_every, has_val="val" in datasets)
     run_id = run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    storage = st.absolute(cfg.run.storage_path)
-    check_shared_location("run.storage_path", storage)
     log.info("FER %s: %s on %s (%s, %d classes), %d train / %d test rows, %d worker(s)", cfg.protocol,
              backbone.spec, manifest.dataset, test_split, spec.num_classes, sizes["train"], sizes["test"], workers)
     out = _fit(cfg, spec, backbone.state_dict, datasets, run_id, storage)

@@ -113,7 +113,7 @@ def evaluate_landmarks(cfg: LandmarkConfig, backbone_source: Any = None, *, run_
     from fra.evaluation.landmarks_data import landmark_datasets, landmark_protocol
     from fra.evaluation.landmarks_report import write_outputs
     from fra.evaluation.landmarks_worker import LandmarkSpec
-    from fra.ray_runtime import check_shared_location
+    from fra.ray_runtime import check_shared_location, init_ray
 
     t0 = time.perf_counter()
     if not cfg.data.shards:
@@ -125,6 +125,9 @@ def evaluate_landmarks(cfg: LandmarkConfig, backbone_source: Any = None, *, run_
     source = cfg.backbone.source if backbone_source is None else backbone_source
     backbone = resolve_backbone(source, cfg.backbone.arch, cfg.run.seed, cfg.tracking.mlflow_uri,
                                 trust_pickle=cfg.backbone.trust_pickle)
+    storage = st.absolute(cfg.run.storage_path)
+    init_ray()  # before the datasets: Ray Data would start a default Ray itself (init_ray's docstring)
+    check_shared_location("run.storage_path", storage)
     datasets, sizes = landmark_datasets(manifest, protocol, image_size=cfg.data.image_size,
                                         train_split=cfg.data.train_split, test_split=test_split,
                                         val_fraction=cfg.data.val_fraction, seed=cfg.run.seed,
@@ -141,8 +144,6 @@ def evaluate_landmarks(cfg: LandmarkConfig, backbone_source: Any = None, *, run_
         mean=tuple(mean), std=tuple(std), checkpoint_every=cfg.run.checkpoint_every, has_val="val" in datasets,
         examples=cfg.run.examples, extra_normalizers=protocol.extra_normalizers)
     run_id = run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    storage = st.absolute(cfg.run.storage_path)
-    check_shared_location("run.storage_path", storage)
     log.info("landmarks (%s loss): %s on %s (%s, %d points), %d train / %d test rows, %d worker(s)", cfg.model.loss,
              backbone.spec, manifest.dataset, test_split, protocol.num_points, sizes["train"], sizes["test"], workers)
     out = _fit(cfg, spec, backbone.state_dict, datasets, run_id, storage, inject)

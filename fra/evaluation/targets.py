@@ -124,7 +124,7 @@ def run_job(cfg, job: JobKind, task_fields: dict, backbone_source: Any = None, *
     from fra.evaluation.fer import _card, iters_per_epoch, resolve_amp, resolve_normalization
     from fra.evaluation.target_loop import TargetTask
     from fra.evaluation.worker import LoopSpec
-    from fra.ray_runtime import check_shared_location
+    from fra.ray_runtime import check_shared_location, init_ray
 
     t0 = time.perf_counter()
     check_supported(cfg)
@@ -143,6 +143,9 @@ def run_job(cfg, job: JobKind, task_fields: dict, backbone_source: Any = None, *
     source = cfg.backbone.source if backbone_source is None else backbone_source
     backbone = resolve_backbone(source, cfg.backbone.arch, cfg.run.seed, cfg.tracking.mlflow_uri,
                                 trust_pickle=cfg.backbone.trust_pickle)
+    storage = st.absolute(cfg.run.storage_path)
+    init_ray()  # before the datasets: Ray Data would start a default Ray itself (init_ray's docstring)
+    check_shared_location("run.storage_path", storage)
     data, sizes = datasets(manifest, job, cfg, test_split)
     workers = cfg.scaling.num_workers
     task = TargetTask(kind=job.kind, column=job.column, outputs=len(names), **task_fields)
@@ -156,8 +159,6 @@ def run_job(cfg, job: JobKind, task_fields: dict, backbone_source: Any = None, *
                     eval_every=cfg.run.eval_every, last_k=cfg.run.last_k, seed=cfg.run.seed, mean=tuple(mean),
                     std=tuple(std), checkpoint_every=cfg.run.checkpoint_every, has_val="val" in data)
     run_id = run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    storage = st.absolute(cfg.run.storage_path)
-    check_shared_location("run.storage_path", storage)
     log.info("%s %s: %s on %s (%s, %d targets), %d train / %d test rows, %d worker(s)", job.kind, cfg.protocol,
              backbone.spec, manifest.dataset, test_split, len(names), sizes["train"], sizes["test"], workers)
     out = _fit(cfg, spec, task, backbone.state_dict, data, run_id, storage, score)
