@@ -12,8 +12,9 @@ It also records which copy of fra this process imported (:func:`code_origin`): a
 ``ray job submit --working-dir .`` must run the shipped copy in the driver and in every worker,
 never a mix of it and an installed package.
 
-Last, what every Ray Train job of fra shares about resuming (:class:`EpochAlignedDataset`): the
-epoch a new worker group's training stream starts at, read from the Train controller's snapshot.
+Last, what every Ray Train job of fra shares about its training stream: the epoch a new worker
+group's stream starts at, read from the Train controller's snapshot (:class:`EpochAlignedDataset`),
+and the stream's block order kept through Ray Train's split (:func:`ingest_options`).
 """
 from __future__ import annotations
 
@@ -319,6 +320,18 @@ class EpochAlignedDataset:
         return self.ds
 
 
+def ingest_options(ds):
+    """Ray Train's ingest options for ``ds`` (the driver's, as Ray Train's default) with the dataset's
+    own ``preserve_order``: Ray Train replaces a dataset's execution options with these when it
+    splits it, and its default takes ``preserve_order`` from the global context, not the dataset's
+    (fra.data.stream, "Order": without it blocks reach the worker in task-completion order)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = bool(ds.context.execution_options.preserve_order)
+    return options
+
+
 def wait_until_reports_registered(timeout_s: float = 60.0) -> None:
     """In a Ray Train worker: return once the Train controller has processed every ``ray.train.report``
     this worker made (registered its checkpoint and written its snapshot file), or after ``timeout_s``.
@@ -332,5 +345,5 @@ def wait_until_reports_registered(timeout_s: float = 60.0) -> None:
 
 __all__ = ["cluster_address", "init_ray", "alive_nodes", "cluster_capacity", "is_multinode", "check_shared_location",
            "check_tracking_uri", "SHARED_FILESYSTEM_ENV", "API_SERVER_ENV", "code_origin", "check_worker_code", "PARQUET_BIN_PACKING_ENV",
-           "SNAPSHOT_FILE", "resume_epoch", "EpochAlignedDataset",
+           "SNAPSHOT_FILE", "resume_epoch", "EpochAlignedDataset", "ingest_options",
            "wait_until_reports_registered"]

@@ -27,13 +27,14 @@ evaluations) set to the epoch of the checkpoint the group resumes from
 (:class:`fra.ray_runtime.EpochAlignedDataset`), so a resumed or restarted run draws the order
 and augmentations of its own epoch, not those of the first.
 
-Order. :func:`pretrain_dataset` preserves the block order (Ray Data's ``preserve_order``):
-without it blocks leave in the order their tasks finish, and two runs of the same config saw
-the same batches at different steps. With one consumer (a ``Dataset`` iterated directly, or
-one Ray Train worker) the batch at each position of an epoch is thus a pure function of (seed,
-epoch, position). With several Ray Train workers, Ray's streaming split hands each block to
-the worker that asks first, so the per-worker order is not reproducible; the epoch's rows and
-their augmentations still are.
+Order. :func:`pretrain_dataset` and the training stream of every downstream evaluation
+(:func:`fra.evaluation.job.fit_evaluation`) preserve the block order (Ray Data's
+``preserve_order``, :func:`ordered`): without it blocks leave in the order their tasks finish,
+and two runs of the same config saw the same batches at different steps. With one consumer (a
+``Dataset`` iterated directly, or one Ray Train worker) the batch at each position of an epoch
+is thus a pure function of (seed, epoch, position). With several Ray Train workers, Ray's
+streaming split hands each block to the worker that asks first, so the per-worker order is not
+reproducible; the epoch's rows and their augmentations still are.
 """
 from __future__ import annotations
 
@@ -110,20 +111,21 @@ def pretrain_dataset(shards: str, image_size: int = 224, split: str = "train", s
                    shuffle_rows=shuffle_files)
         _multicrop_transform(tuple(sorted((k, _freeze(v)) for k, v in multicrop.items())))  # bad arguments: fail here
         kwargs = {"seed": int(seed), "multicrop": dict(multicrop), "with_keys": with_keys, "box_scale": box_scale}
-        return _ordered(ds.map_batches(_multicrop_batch, batch_size=batch_size, batch_format="numpy",
-                                       num_cpus=num_cpus, fn_kwargs=kwargs))
+        return ordered(ds.map_batches(_multicrop_batch, batch_size=batch_size, batch_format="numpy",
+                                      num_cpus=num_cpus, fn_kwargs=kwargs))
     columns = ["image", "label", "path"] + (["mask"] if with_masks else []) + box_column
     ds = _read(manifest, split, columns, seed if shuffle_files else None, shuffle_rows=shuffle_files)
     kwargs = {"image_size": int(image_size), "seed": int(seed), "augment": dict(augment or {}),
               "with_params": with_params, "with_masks": with_masks, "with_keys": with_keys, "box_scale": box_scale,
               "augment_on": augment_on}
-    return _ordered(ds.map_batches(_two_view_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
-                                   fn_kwargs=kwargs))
+    return ordered(ds.map_batches(_two_view_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                                  fn_kwargs=kwargs))
 
 
-def _ordered(ds):
+def ordered(ds):
     """``ds`` with its block order preserved (module docstring, "Order"). The context is this
-    dataset's own (``read_parquet`` copied the global one), so no other dataset changes."""
+    dataset's own (``read_parquet`` copied the global one), so no other dataset changes. Under Ray
+    Train, pass :func:`fra.ray_runtime.ingest_options` of it as the dataset's execution options."""
     ds.context.execution_options.preserve_order = True
     return ds
 
@@ -550,4 +552,5 @@ def _norm_box(box, size) -> tuple[float, float, float, float]:
     return box[0] / w, box[1] / h, box[2] / w, box[3] / h
 
 
-__all__ = ["pretrain_dataset", "fer_dataset", "iter_batches", "BatchStream", "row_key", "CORRUPT", "check_stream_epoch"]
+__all__ = ["pretrain_dataset", "fer_dataset", "iter_batches", "BatchStream", "row_key", "CORRUPT", "check_stream_epoch",
+           "ordered"]

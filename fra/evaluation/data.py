@@ -122,9 +122,10 @@ def fer_datasets(manifest: Manifest, *, image_size: int, train_split: str, test_
     return out, info
 
 
-def eval_data_config():
-    """Train rows are split equally over workers (same step count for DDP); evaluation sets are
-    split without dropping rows, so every test image is scored exactly once."""
+def eval_data_config(train_options=None):
+    """Train rows are split equally over workers (same step count for DDP), with ``train_options``
+    as their execution options (:func:`fra.ray_runtime.ingest_options`; None = Ray Train's default);
+    evaluation sets are split without dropping rows, so every test image is scored exactly once."""
     from ray.train import DataConfig
 
     class FERDataConfig(DataConfig):
@@ -142,7 +143,7 @@ def eval_data_config():
                     out[i][name] = it
             return out
 
-    return FERDataConfig()
+    return FERDataConfig(execution_options={"train": train_options} if train_options is not None else None)
 
 
 def _select(batch: dict, *, fraction: float, val: bool) -> dict:

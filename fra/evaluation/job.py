@@ -27,15 +27,19 @@ def fit_evaluation(loop: Callable[[dict], dict], loop_config: dict, backbone_sd:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from fra.data.stream import ordered
     from fra.evaluation.data import eval_data_config
     from fra import storage as st
-    from fra.ray_runtime import EpochAlignedDataset, code_origin, init_ray, train_worker_runtime_env
+    from fra.ray_runtime import EpochAlignedDataset, code_origin, ingest_options, init_ray, train_worker_runtime_env
 
     init_ray()
     workers = scaling.num_workers
     backbone = ray.put(backbone_sd) if workers > 0 else backbone_sd
+    train_options = None
     if "train" in datasets:
-        datasets = {**datasets, "train": EpochAlignedDataset(datasets["train"], st.join(storage, run_id))}
+        train = ordered(datasets["train"])
+        train_options = ingest_options(train)
+        datasets = {**datasets, "train": EpochAlignedDataset(train, st.join(storage, run_id))}
     trainer = TorchTrainer(
         loop, train_loop_config={**loop_config, "backbone": backbone, "code": code_origin()},
         torch_config=TorchConfig(backend=None if scaling.use_gpu else "gloo"),
@@ -43,7 +47,7 @@ def fit_evaluation(loop: Callable[[dict], dict], loop_config: dict, backbone_sd:
                                      resources_per_worker={"CPU": scaling.cpus_per_worker} if workers else None),
         run_config=RunConfig(name=run_id, storage_path=storage, failure_config=FailureConfig(max_failures=scaling.max_failures),
                              worker_runtime_env=train_worker_runtime_env()),
-        datasets=datasets, dataset_config=eval_data_config())
+        datasets=datasets, dataset_config=eval_data_config(train_options))
     result = trainer.fit()
     if not isinstance(result.return_value, dict) or "history" not in result.return_value:
         raise RuntimeError(f"{what} run {run_id} returned no history (result: {result})")

@@ -163,18 +163,6 @@ def prepare_data(cfg: PretrainConfig, storage: str):
     return manifest, ds
 
 
-def ingest_options(ds):
-    """Ray Train's ingest options for ``ds`` (the driver's, as Ray Train's default) with the dataset's
-    own ``preserve_order``: Ray Train replaces a dataset's execution options with these when it
-    splits it, and its default takes ``preserve_order`` from the global context, not the dataset's
-    (fra.data.stream, "Order": without it blocks reach the worker in task-completion order)."""
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = bool(ds.context.execution_options.preserve_order)
-    return options
-
-
 def multicrop_args(cfg: PretrainConfig) -> dict | None:
     """SwAV's multi-crop transform arguments (``model.swav``), or None for two-view methods."""
     if cfg.model.method != "swav":
@@ -236,7 +224,7 @@ def pretrain_ray(cfg: PretrainConfig, *, placement_strategy: str = "PACK", callb
 
     from fra import storage as st
     from fra.ray_runtime import (EpochAlignedDataset, check_shared_location, check_tracking_uri, code_origin,
-                                 init_ray, train_worker_runtime_env)
+                                 ingest_options, init_ray, train_worker_runtime_env)
 
     check_config(cfg)
     lo, hi = worker_range(cfg)
