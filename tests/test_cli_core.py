@@ -74,3 +74,21 @@ def test_unknown_command_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["no-such-command"])
     assert main([]) == 2
+
+
+def test_registry_commands_refuse_a_missing_sqlite_store_and_create_nothing(tmp_path, monkeypatch, capsys):
+    """In a folder without runs/mlflow.db, reading the registry must say so, not create an empty
+    store and answer "no registered models" (MLflow creates any sqlite file it is pointed at)."""
+    from fra.registry import RegistryError, load_registered
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for argv in (["list"], ["show", "fra"], ["promote", "fra", "1"], ["rollback", "fra"],
+                 ["list", "--tracking-uri", f"sqlite:///{tmp_path}/elsewhere.db"]):
+        assert main(["registry", *argv]) == 1, argv
+    err = capsys.readouterr().err
+    assert err.count(f"no MLflow store at {tmp_path}/runs/mlflow.db") == 4
+    assert f"no MLflow store at {tmp_path}/elsewhere.db" in err
+    with pytest.raises(RegistryError, match="no MLflow store at"):
+        load_registered("models:/fra@champion")
+    assert list(tmp_path.iterdir()) == []  # not even the runs/ folder

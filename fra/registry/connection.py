@@ -58,11 +58,12 @@ class ModelVersionInfo:
 # --------------------------------------------------------------------------------------
 # Connection: URI, retries, reachability
 # --------------------------------------------------------------------------------------
-def resolve_uri(uri: str | None = None) -> str:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs>/runs/mlflow.db``."""
+def resolve_uri(uri: str | None = None, create: bool = False) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs>/runs/mlflow.db``; ``create``
+    makes that default's folder (registration only: the other commands read an existing store)."""
     from fra.tracking import resolve_tracking_uri
 
-    return resolve_tracking_uri(uri or "", "runs")
+    return resolve_tracking_uri(uri or "", "runs", create=create)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -109,12 +110,20 @@ def _healthy(uri: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 3.0) -> None:
+def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 3.0, *, create: bool = False) -> None:
     """Fail fast, naming the URI, when the tracking backend does not answer.
 
     HTTP servers are probed at ``/health`` with a short timeout (MLflow's own client would
     retry a dead server for minutes); every backend then answers one cheap registry query.
+    A sqlite file that does not exist is refused unless ``create`` (registering a first
+    version): MLflow would create an empty store, so ``fra registry list`` in the wrong folder
+    answered "no registered models" and left a new ``runs/mlflow.db`` behind.
     """
+    path = sqlite_path(uri)
+    if path is not None and not create and not os.path.exists(path):
+        raise RegistryError(f"no MLflow store at {path} (tracking URI {uri}): nothing is registered there. Run a "
+                            "pipeline first (`make demo` writes runs/mlflow.db under the folder it runs in) or point "
+                            "--tracking-uri / MLFLOW_TRACKING_URI at your store. Nothing was created.")
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
 
@@ -137,6 +146,15 @@ def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 3.0) -> None
         call("registry query", lambda: client(uri).search_registered_models(max_results=1), attempts=attempts)
     except Exception as exc:  # noqa: BLE001
         raise RegistryError(f"MLflow registry at {uri} does not answer: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The file of a ``sqlite:///`` URI (SQLAlchemy's form: three slashes and a relative path, or
+    four and an absolute one), or None for any other URI or an in-memory database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return path if path and path != ":memory:" else None
 
 
 @functools.lru_cache(maxsize=8)

@@ -48,11 +48,11 @@ def register_backbone(export_dir_or_checkpoint: str | Path, name: str, *, tracki
             failed (see the module docstring for what is cleaned up).
         CheckpointError: the export cannot be read.
     """
-    uri = resolve_uri(tracking_uri)
+    uri = resolve_uri(tracking_uri, create=True)
     metrics = {str(k): float(v) for k, v in (fer_metrics or {}).items()}
     with tempfile.TemporaryDirectory(prefix="fra-register-") as tmp:
         export = _read_export(export_dir_or_checkpoint, Path(tmp))
-        check_reachable(uri)
+        check_reachable(uri, create=True)  # the first version may create a sqlite store
         # MLflow's stores open default clients internally (the sqlite registry resolves
         # ``models:/m-...`` sources through ``MlflowClient()``), so the fluent URI must match.
         with _fluent_uri(uri):
